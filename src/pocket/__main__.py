@@ -1,0 +1,7 @@
+"""``python -m pocket up|status``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""The ``pocket`` command: ``pocket up`` starts a local cluster, ``pocket status`` shows one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from typing import Optional
+
+from .client import default_controller
+from .connection import BlockingConnection
+from .errors import PocketError
+from .local import LocalCluster, default_capacity
+from .protocol import Op
+from .units import format_size
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(port=args.port, host=args.host, dram=args.dram,
+                           capacity=args.capacity, metadata=args.metadata,
+                           log_level=args.log_level, inherit_logs=not args.log_dir,
+                           log_dir=args.log_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        cluster.start()
+    except PocketError as exc:
+        print(f"pocket up: {exc}", file=sys.stderr)
+        return 1
+    print(f"Pocket cluster up; controller at {cluster.address}", flush=True)
+    print(cluster.describe(), flush=True)
+    print(f"export POCKET_CONTROLLER={cluster.address}   # then: pocket status; Ctrl-C stops",
+          flush=True)
+    try:
+        while not stop.wait(0.5):
+            dead = [p for p in cluster.processes if p.process.poll() is not None]
+            if dead:
+                print(f"pocket up: {dead[0].role} server {dead[0].address} exited "
+                      f"({dead[0].process.returncode}); stopping", file=sys.stderr)
+                break
+    finally:
+        cluster.stop()
+        print("Pocket cluster stopped", flush=True)
+    return 0
+
+
+def fetch_status(address: str) -> dict:
+    conn = BlockingConnection(address, timeout=10.0)
+    try:
+        return conn.request(Op.STATUS, {}).header
+    finally:
+        conn.close()
+
+
+def format_status(status: dict) -> str:
+    lines = [f"controller {status['controller']}", "",
+             f"{'NODE':<14} {'ROLE':<9} {'TIER':<9} {'ADDRESS':<22} {'STATE':<8} "
+             f"{'CAPACITY':>11} {'USED':>11} {'CPU':>5}"]
+    for n in sorted(status["nodes"], key=lambda n: (n["role"], n["id"])):
+        lines.append(f"{n['id']:<14} {n['role']:<9} {n['tier']:<9} {n['address']:<22} "
+                     f"{n['state']:<8} {format_size(n['capacity']):>11} "
+                     f"{format_size(n['used']):>11} {n['cpu'] * 100:>4.0f}%")
+    lines += ["", f"{'JOB':<28} {'NAME':<14} {'STATE':<13} {'TIER':<6} {'OBJECTS':>8} "
+                  f"{'BYTES':>11}  WEIGHT MAP"]
+    for j in status["jobs"]:
+        weights = ", ".join(f"{k}={v:.2f}" for k, v in j["weight_map"].items())
+        lines.append(f"{j['id']:<28} {j['name'][:14]:<14} {j['state']:<13} {j['tier']:<6} "
+                     f"{j['objects']:>8} {format_size(j['bytes']):>11}  {weights}")
+    if not status["jobs"]:
+        lines.append("(no jobs)")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    address = default_controller(args.controller)
+    try:
+        status = fetch_status(address)
+    except PocketError as exc:
+        print(f"pocket status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="pocket", description="Pocket ephemeral storage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a local cluster (controller, metadata, DRAM storage)")
+    up.add_argument("--port", type=int, default=7070, help="controller port (default 7070; 0 = any)")
+    up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    up.add_argument("--dram", type=int, default=2, help="DRAM storage servers (default 2)")
+    up.add_argument("--capacity", default=None,
+                    help=f"capacity of each storage server (default {format_size(default_capacity(2))} "
+                         f"here: a quarter of RAM shared, at most 4 GiB each)")
+    up.add_argument("--metadata", type=int, default=1, help="metadata servers (default 1)")
+    up.add_argument("--log-level", default="INFO", help="server log level (default INFO)")
+    up.add_argument("--log-dir", default=None,
+                    help="write each server's log to a file here instead of stderr")
+    up.set_defaults(func=cmd_up)
+    st = sub.add_parser("status", help="show nodes and jobs of a running cluster")
+    st.add_argument("--controller", default=None,
+                    help="controller HOST:PORT (default $POCKET_CONTROLLER or 127.0.0.1:7070)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The blocking client: ``pocket.connect()``, ``Cluster.register_job()``, ``pocket.attach()``.
+
+No event loop is involved: each call borrows pooled blocking sockets, sends
+its frames (pipelined where one call needs several) and reads the replies.
+Payloads are sent from the caller's buffer and received into their
+destination, so ``put`` of a numpy array and ``get_into`` a numpy array copy
+nothing in Python.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from .connection import DEFAULT_TIMEOUT, BlockingConnection, ConnectionPool
+from .errors import InvalidRequest, NotFound, PocketError, ProtocolError, Unavailable
+from .protocol import Buffer, Frame, Op
+
+DEFAULT_CONTROLLER = "127.0.0.1:7070"
+
+
+def default_controller(address: Optional[str] = None) -> str:
+    """``address``, else ``$POCKET_CONTROLLER``, else ``127.0.0.1:7070``."""
+    return address or os.environ.get("POCKET_CONTROLLER") or DEFAULT_CONTROLLER
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What :meth:`Job.lookup` knows about an object."""
+
+    name: str
+    size: int
+    persist: bool
+    #: Where the bytes are: ``"metadata"`` for small inline objects, else the tier.
+    tier: str
+    #: Storage servers (host:port) holding the object's extents.
+    servers: tuple[str, ...] = ()
+
+
+def byte_view(data: Any) -> memoryview:
+    """A flat byte view of bytes, bytearray, memoryview or a contiguous numpy array."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise InvalidRequest(f"cannot store a {type(data).__name__}; pass bytes-like data") from None
+    if not view.contiguous:
+        raise InvalidRequest("data must be contiguous (numpy: np.ascontiguousarray)")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def writable_view(buffer: Any) -> memoryview:
+    """A flat writable byte view of ``buffer`` (bytearray, numpy array, mmap ...)."""
+    view = byte_view(buffer)
+    if view.readonly:
+        raise InvalidRequest("the destination buffer is read-only")
+    return view
+
+
+def job_hints(lambdas: Any, capacity: Any, throughput: Any, latency_sensitive: Any) -> dict:
+    hints = {"lambdas": lambdas, "capacity": capacity, "throughput": throughput,
+             "latency_sensitive": latency_sensitive}
+    return {k: v for k, v in hints.items() if v is not None}
+
+
+def info_from_header(name: str, h: dict) -> ObjectInfo:
+    return ObjectInfo(name, h["size"], bool(h.get("persist")), h.get("tier", "?"),
+                      tuple(h.get("servers", ())))
+
+
+def extent_plan(extents: Sequence) -> list[tuple[str, int, int, int]]:
+    """``[(address, extent id, offset in object, length)]`` from a metadata reply."""
+    plan, offset = [], 0
+    for address, ext_id, length in extents:
+        plan.append((address, ext_id, offset, length))
+        offset += length
+    return plan
+
+
+class Job:
+    """A job's handle: put and get objects in its namespace.
+
+    Made by :meth:`Cluster.register_job` (the driver) or :func:`attach` (a
+    lambda, given ``job.id`` and ``job.token``).  Safe to share between threads.
+    """
+
+    def __init__(self, controller: str, reply: dict, pool: ConnectionPool,
+                 owns_pool: bool) -> None:
+        self.id: str = reply["job"]
+        self.token: str = reply["tok"]
+        self.name: str = reply.get("name", self.id)
+        self.tier: str = reply.get("tier", "dram")
+        self.controller = controller
+        self.metadata: str = reply["md"]
+        self.inline_max: int = reply.get("inline_max", 64 << 10)
+        self.weights: dict = reply.get("weights", {})
+        self._pool = pool
+        self._owns_pool = owns_pool
+        self._auth = {"job": self.id, "tok": self.token}
+
+    def __repr__(self) -> str:
+        return f"<pocket.Job {self.id} tier={self.tier} metadata={self.metadata}>"
+
+    # -- plumbing ------------------------------------------------------------
+    def _md(self, opcode: int, fields: dict, payload: Optional[Buffer] = None) -> Frame:
+        with self._pool.connection(self.metadata) as conn:
+            return conn.request(opcode, {**self._auth, **fields}, payload)
+
+    def _md_no_reply(self, opcode: int, fields: dict) -> None:
+        try:
+            with self._pool.connection(self.metadata) as conn:
+                conn.send_no_reply(opcode, {**self._auth, **fields})
+        except PocketError:
+            pass  # best effort: the server expires leases and puts on its own
+
+    def _exchange(self, requests: list[tuple[str, int, dict, Optional[Buffer], Optional[memoryview]]]
+                  ) -> list[Frame]:
+        """Send all ``(address, opcode, header, payload, into)`` then collect the replies.
+
+        Requests to one address are pipelined on one connection; the first
+        error is raised after every reply has been read.
+        """
+        conns: dict[str, BlockingConnection] = {}
+        sent: list[tuple[BlockingConnection, int]] = []
+        frames: list[Frame] = []
+        error: Optional[BaseException] = None
+        try:
+            for address, opcode, header, payload, into in requests:
+                conn = conns.get(address)
+                if conn is None:
+                    conn = conns[address] = self._pool.acquire(address)
+                sent.append((conn, conn.send(opcode, header, payload, into=into)))
+            for conn, rid in sent:
+                try:
+                    frames.append(conn.recv(rid))
+                except PocketError as exc:
+                    error = error or exc
+                    if isinstance(exc, (Unavailable, ProtocolError)):
+                        conn.close()
+        except BaseException:
+            for conn in conns.values():
+                conn.close()
+            raise
+        finally:
+            for conn in conns.values():
+                self._pool.release(conn)
+        if error is not None:
+            raise error
+        return frames
+
+    # -- objects -------------------------------------------------------------
+    def put(self, name: str, data: Any, persist: bool = False) -> None:
+        """Store ``data`` (bytes-like or numpy) under ``name``; replaces any old object.
+
+        The object becomes visible only when all of it is written.
+        """
+        view = byte_view(data)
+        size = view.nbytes
+        if size <= self.inline_max:
+            self._md(Op.PUT_INLINE, {"name": name, "persist": bool(persist)}, view)
+            return
+        reply = self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist)})
+        put_id = reply.header["put"]
+        try:
+            self._exchange([(address, Op.EXT_WRITE, {"ext": ext, "off": 0},
+                             view[offset:offset + length], None)
+                            for address, ext, offset, length in extent_plan(reply.header["ext"])])
+        except BaseException:
+            self._md_no_reply(Op.PUT_ABORT, {"put": put_id})
+            raise
+        self._md(Op.PUT_COMMIT, {"put": put_id})
+
+    def _locate(self, name: str, delete_after_read: bool) -> Frame:
+        return self._md(Op.GET, {"name": name, "dar": bool(delete_after_read)})
+
+    def _read_extents(self, h: dict, dest: memoryview) -> None:
+        """Receive an object's extents into ``dest``, then release the read lease."""
+        try:
+            frames = self._exchange([(address, Op.EXT_READ, {"ext": ext, "off": 0, "len": length},
+                                      None, dest[offset:offset + length])
+                                     for address, ext, offset, length in extent_plan(h["ext"])])
+            for frame in frames:
+                if not frame.sunk:
+                    raise ProtocolError("a storage server answered a read with the wrong size")
+        finally:
+            self._md_no_reply(Op.RELEASE, {"lease": h["lease"]})
+
+    def _release(self, h: dict) -> None:
+        if "lease" in h:
+            self._md_no_reply(Op.RELEASE, {"lease": h["lease"]})
+
+    def get(self, name: str, delete_after_read: bool = False) -> bytes:
+        """The object's bytes. Raises :class:`NotFound` if there is none.
+
+        ``delete_after_read=True`` frees the object as it is read.  For large
+        objects, :meth:`get_into` avoids the final copy into ``bytes``.
+        """
+        reply = self._locate(name, delete_after_read)
+        h = reply.header
+        if "ext" not in h:
+            return bytes(reply.payload)
+        buf = bytearray(h["size"])
+        self._read_extents(h, memoryview(buf))
+        return bytes(buf)
+
+    def get_into(self, name: str, buffer: Any, delete_after_read: bool = False) -> int:
+        """Read the object into ``buffer`` (e.g. a numpy array); return its size.
+
+        Large objects are received straight into ``buffer``: no extra copy.
+        """
+        dest = writable_view(buffer)
+        reply = self._locate(name, delete_after_read)
+        h = reply.header
+        size = h["size"]
+        if size > dest.nbytes:
+            self._release(h)
+            raise InvalidRequest(f"object {name!r} has {size} bytes; the buffer holds {dest.nbytes}")
+        if "ext" not in h:
+            dest[:size] = reply.payload
+        else:
+            self._read_extents(h, dest)
+        return size
+
+    def put_file(self, path: str | os.PathLike, name: str, persist: bool = False) -> None:
+        """Store a file's contents (memory-mapped, not read into a copy)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                self.put(name, b"", persist)
+                return
+            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)
+                try:
+                    self.put(name, view, persist)
+                finally:
+                    view.release()
+
+    def get_file(self, name: str, path: str | os.PathLike,
+                 delete_after_read: bool = False) -> int:
+        """Write the object to ``path`` (received into a mapping of the file); return its size."""
+        reply = self._locate(name, delete_after_read)
+        h = reply.header
+        size = h["size"]
+        try:
+            with open(path, "wb+") as f:
+                if "ext" not in h:
+                    f.write(reply.payload)
+                    return size
+                f.truncate(size)
+                with mmap.mmap(f.fileno(), size) as m:
+                    view = memoryview(m)
+                    try:
+                        self._read_extents(h, view)
+                        h = {}
+                    finally:
+                        view.release()
+        finally:
+            self._release(h)
+        return size
+
+    def lookup(self, name: str) -> Optional[ObjectInfo]:
+        """What is known about ``name``, or None if there is no such object."""
+        try:
+            reply = self._md(Op.LOOKUP, {"name": name})
+        except NotFound:
+            return None
+        return info_from_header(name, reply.header)
+
+    def delete(self, name: str) -> None:
+        """Delete an object (or an empty directory); its space is freed at once."""
+        self._md(Op.DELETE, {"name": name})
+
+    def mkdir(self, name: str) -> None:
+        """Create a directory (names may contain ``/`` with or without one)."""
+        self._md(Op.MKDIR, {"name": name})
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted names starting with ``prefix``; directories end with ``/``."""
+        return self._md(Op.LIST, {"prefix": prefix}).header["names"]
+
+    def deregister(self) -> dict:
+        """End the job: everything not persisted is freed. Returns what was freed."""
+        with self._pool.connection(self.controller) as conn:
+            reply = conn.request(Op.JOB_DEREGISTER, dict(self._auth))
+        return reply.header
+
+    def close(self) -> None:
+        """Close this handle's connections (does not deregister)."""
+        if self._owns_pool:
+            self._pool.close()
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.deregister()
+        finally:
+            self.close()
+
+
+class Cluster:
+    """A connection to a Pocket cluster's controller."""
+
+    def __init__(self, address: Optional[str] = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = default_controller(address)
+        self._pool = ConnectionPool(timeout)
+        self._controller(Op.PING, {})  # fail fast if nobody is there
+
+    def _controller(self, opcode: int, header: dict) -> Frame:
+        with self._pool.connection(self.address) as conn:
+            return conn.request(opcode, header)
+
+    def register_job(self, name: str, *, lambdas: Optional[int] = None,
+                     capacity: int | str | None = None, throughput: int | str | None = None,
+                     latency_sensitive: Optional[bool] = None,
+                     tier: Optional[str] = None) -> Job:
+        """Register a job; every hint is optional (ints or human units: ``"4GiB"``, ``"1GB/s"``)."""
+        header: dict = {"name": name,
+                        "hints": job_hints(lambdas, capacity, throughput, latency_sensitive)}
+        if tier is not None:
+            header["tier"] = tier
+        reply = self._controller(Op.JOB_REGISTER, header)
+        return Job(self.address, reply.header, self._pool, owns_pool=False)
+
+    def attach(self, job_id: str, token: str) -> Job:
+        """A handle on an existing job (as a lambda would get)."""
+        reply = self._controller(Op.JOB_ATTACH, {"job": job_id, "tok": token})
+        return Job(self.address, reply.header, self._pool, owns_pool=False)
+
+    def status(self) -> dict:
+        """Nodes and jobs as the controller sees them (what ``pocket status --json`` prints)."""
+        return self._controller(Op.STATUS, {}).header
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(address: Optional[str] = None, *, timeout: float = DEFAULT_TIMEOUT) -> Cluster:
+    """Connect to the controller at ``address`` (default ``$POCKET_CONTROLLER`` or 127.0.0.1:7070)."""
+    return Cluster(address, timeout=timeout)
+
+
+def attach(job_id: str, token: str, controller: Optional[str] = None, *,
+           timeout: float = DEFAULT_TIMEOUT) -> Job:
+    """Inside a lambda: a handle on job ``job_id`` given its ``token``."""
+    address = default_controller(controller)
+    pool = ConnectionPool(timeout)
+    try:
+        with pool.connection(address) as conn:
+            reply = conn.request(Op.JOB_ATTACH, {"job": job_id, "tok": token})
+    except BaseException:
+        pool.close()
+        raise
+    return Job(address, reply.header, pool, owns_pool=True)

@@ -1,0 +1,228 @@
+"""A cluster of local processes: one controller, metadata and storage servers.
+
+Used by ``pocket up``, the tests and the benchmarks.  Every server is a real
+``python -m pocket.<role>`` process on 127.0.0.1; :meth:`LocalCluster.stop`
+ends each one it started (SIGTERM, then SIGKILL after a grace period), and
+children are asked to die with their parent so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import IO, Optional
+
+from .connection import BlockingConnection
+from .errors import PocketError, Unavailable
+from .protocol import Op
+from .units import format_size, parse_size
+
+
+def default_capacity(servers: int) -> int:
+    """Per-server DRAM capacity sized to this machine: a quarter of RAM in all, ≤ 4 GiB each."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    each = total // 4 // max(1, servers)
+    return max(256 << 20, min(4 << 30, each)) // (1 << 20) * (1 << 20)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class ServerProcess:
+    """One server process started by a :class:`LocalCluster`."""
+
+    role: str
+    process: subprocess.Popen
+    address: str
+    log_path: Optional[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class LocalCluster:
+    """Start and stop a Pocket cluster made of local processes."""
+
+    def __init__(self, *, port: int = 0, host: str = "127.0.0.1", dram: int = 2,
+                 capacity: int | str | None = None, metadata: int = 1,
+                 log_dir: Optional[str] = None, log_level: str = "INFO",
+                 inherit_logs: bool = False, metadata_args: tuple[str, ...] = (),
+                 storage_args: tuple[str, ...] = (), controller_args: tuple[str, ...] = ()) -> None:
+        if dram < 0 or metadata < 1:
+            raise ValueError("need at least one metadata server and no negative counts")
+        self.host = host
+        self.port = port
+        self.dram = dram
+        self.metadata_count = metadata
+        self.capacity = parse_size(capacity) if capacity is not None else default_capacity(dram)
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="pocket-logs-")
+        self.log_level = log_level
+        self.inherit_logs = inherit_logs
+        self.metadata_args = tuple(metadata_args)
+        self.storage_args = tuple(storage_args)
+        self.controller_args = tuple(controller_args)
+        self.processes: list[ServerProcess] = []
+        self.address = ""
+
+    # -- processes -----------------------------------------------------------
+    def _spawn(self, role: str, args: list[str], timeout: float) -> ServerProcess:
+        log_path = None
+        stderr: int | IO = subprocess.STDOUT
+        if not self.inherit_logs:
+            log_path = os.path.join(self.log_dir, f"{role}-{len(self.processes)}.log")
+            stderr = open(log_path, "ab")
+        else:
+            stderr = None  # type: ignore[assignment]
+        env = dict(os.environ)
+        env.pop("POCKET_LISTEN", None)
+        cmd = [sys.executable, "-m", f"pocket.{role}", "--log-level", self.log_level, *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+                                env=env, preexec_fn=_die_with_parent)
+        if log_path is not None:
+            stderr.close()  # type: ignore[union-attr]
+        server = ServerProcess(role, proc, "", log_path)
+        self.processes.append(server)
+        server.address = self._read_address(server, timeout)
+        return server
+
+    def _read_address(self, server: ServerProcess, timeout: float) -> str:
+        proc = server.process
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or proc.poll() is not None:
+                break
+            ready, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.2))
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 1024)
+                if not chunk:
+                    break
+                line += chunk
+        text = line.decode(errors="replace").strip()
+        if " listening on " not in text:
+            detail = self._log_tail(server)
+            raise Unavailable(f"{server.role} server did not start (exit {proc.poll()}): "
+                              f"{text or 'no output'}{detail}")
+        return text.rsplit(" listening on ", 1)[1].split()[0]
+
+    def _log_tail(self, server: ServerProcess) -> str:
+        if not server.log_path or not os.path.exists(server.log_path):
+            return ""
+        with open(server.log_path, "rb") as f:
+            tail = f.read()[-2000:].decode(errors="replace")
+        return f"\n--- {server.log_path} ---\n{tail}"
+
+    def start(self, timeout: float = 30.0) -> "LocalCluster":
+        """Start every server and wait until all have registered with the controller."""
+        try:
+            controller = self._spawn("controller", ["--listen", f"{self.host}:{self.port}",
+                                                    *self.controller_args], timeout)
+            self.address = controller.address
+            for _ in range(self.metadata_count):
+                self.add_metadata(wait=False, timeout=timeout)
+            for _ in range(self.dram):
+                self.add_storage("dram", wait=False, timeout=timeout)
+            self.wait_registered(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_metadata(self, *, wait: bool = True, timeout: float = 30.0) -> ServerProcess:
+        """Start one more metadata server."""
+        server = self._spawn("metadata", ["--listen", f"{self.host}:0", "--controller",
+                                          self.address, *self.metadata_args], timeout)
+        if wait:
+            self.wait_registered(timeout)
+        return server
+
+    def add_storage(self, tier: str = "dram", capacity: int | str | None = None, *,
+                    wait: bool = True, timeout: float = 30.0, args: tuple[str, ...] = ()
+                    ) -> ServerProcess:
+        """Start one more storage server of ``tier``."""
+        size = parse_size(capacity) if capacity is not None else self.capacity
+        server = self._spawn("storage", ["--listen", f"{self.host}:0", "--controller", self.address,
+                                         "--tier", tier, "--capacity", str(size),
+                                         *self.storage_args, *args], timeout)
+        if wait:
+            self.wait_registered(timeout)
+        return server
+
+    def status(self) -> dict:
+        conn = BlockingConnection(self.address, timeout=10.0)
+        try:
+            return conn.request(Op.STATUS, {}).header
+        finally:
+            conn.close()
+
+    def wait_registered(self, timeout: float = 30.0) -> None:
+        """Block until every running server appears in the controller's status."""
+        expected = {p.address for p in self.processes if p.role != "controller"
+                    and p.process.poll() is None}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                seen = {n["address"] for n in self.status()["nodes"]}
+            except PocketError:
+                seen = set()
+            if expected <= seen:
+                return
+            if time.monotonic() > deadline:
+                raise Unavailable(f"servers did not register in {timeout}s: {sorted(expected - seen)}")
+            time.sleep(0.05)
+
+    def stop_process(self, server: ServerProcess, grace: float = 5.0, kill: bool = False) -> None:
+        """Stop one server (SIGTERM; SIGKILL after ``grace`` s, or at once if ``kill``)."""
+        proc = server.process
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop every server this cluster started: storage, metadata, then the controller."""
+        order = {"storage": 0, "metadata": 1, "controller": 2}
+        running = [p for p in self.processes if p.process.poll() is None]
+        for p in running:
+            if p.role != "controller":
+                p.process.send_signal(signal.SIGTERM)
+        for p in sorted(self.processes, key=lambda p: order.get(p.role, 3)):
+            self.stop_process(p, grace)
+        self.processes = []
+
+    def describe(self) -> str:
+        lines = [f"controller {self.address}"]
+        for p in self.processes:
+            if p.role != "controller":
+                lines.append(f"  {p.role:<9} {p.address}  pid {p.pid}")
+        lines.append(f"  ({self.dram} DRAM servers of {format_size(self.capacity)} each; "
+                     f"logs in {self.log_dir if not self.inherit_logs else 'stderr'})")
+        return "\n".join(lines)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start() if not self.processes else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

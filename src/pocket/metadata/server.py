@@ -1,0 +1,472 @@
+"""The metadata server: job namespaces, object → extents, placement, atomic puts.
+
+Small objects (≤ ``inline_max``) live here, inline with their metadata, so a
+small put or get is one round trip.  Larger objects are placed on storage
+servers by the job's weight map: ``PUT_BEGIN`` allocates extents, the client
+writes them, ``PUT_COMMIT`` makes the object visible (an overwrite replaces
+the old object in one step).  A get of a large object takes a *read lease* so
+the object's extents are not freed (by a delete or overwrite) while a reader
+is still fetching them; the client releases the lease when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..connection import AsyncConnection
+from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound, PocketError, Unavailable
+from ..node import ControllerLink, UsageMeter
+from ..protocol import Frame, Limits, Op
+from ..server import Server, ServerConnection
+from .placement import DEFAULT_SPLIT_SIZE, WeightedChooser, plan_pieces
+
+log = logging.getLogger("pocket.metadata")
+
+DEFAULT_INLINE_MAX = 64 << 10
+MAX_NAME_BYTES = 1024
+
+
+def check_name(name: object) -> str:
+    """A valid object or directory name, or InvalidRequest."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("a name must be a non-empty string")
+    if "\x00" in name or len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidRequest(f"a name must have no NUL and at most {MAX_NAME_BYTES} bytes")
+    return name
+
+
+@dataclass(eq=False)
+class StoredObject:
+    """One object: inline bytes or extents ``(node, extent id, length)``."""
+
+    size: int
+    persist: bool
+    inline: Optional[bytes] = None
+    extents: list = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    readers: int = 0
+    dead: bool = False
+
+
+@dataclass(eq=False)
+class JobNamespace:
+    """A job's names, credential and weight map."""
+
+    job_id: str
+    token: str
+    name: str
+    weights: dict
+    chooser: WeightedChooser
+    tier: str = "dram"
+    active: bool = True
+    objects: dict = field(default_factory=dict)
+    dirs: set = field(default_factory=set)
+
+    def bytes_stored(self) -> int:
+        return sum(o.size for o in self.objects.values())
+
+
+@dataclass(eq=False)
+class PendingPut:
+    job: JobNamespace
+    name: str
+    size: int
+    persist: bool
+    extents: list
+    deadline: float
+
+
+class MetadataServer(Server):
+    """Owns job namespaces; allocates space on storage servers by weight map."""
+
+    role = "metadata"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
+                 controller: Optional[str] = None, inline_max: int = DEFAULT_INLINE_MAX,
+                 inline_capacity: int = 1 << 30, split_size: int = DEFAULT_SPLIT_SIZE,
+                 lease_timeout: float = 60.0, put_timeout: float = 600.0,
+                 heartbeat: float = 1.0) -> None:
+        super().__init__(host, port, Limits(max_header=1 << 20, max_payload=inline_max))
+        self.controller = controller
+        self.inline_max = inline_max
+        self.inline_capacity = inline_capacity
+        self.inline_used = 0
+        self.split_size = split_size
+        self.lease_timeout = lease_timeout
+        self.put_timeout = put_timeout
+        self.heartbeat_interval = heartbeat
+        self.jobs: dict[str, JobNamespace] = {}
+        self.node_addresses: dict[str, str] = {}
+        self.puts: dict[int, PendingPut] = {}
+        self.leases: dict[int, tuple[JobNamespace, StoredObject, float]] = {}
+        self._ids = itertools.count(1)
+        self._storage: dict[str, asyncio.Future] = {}
+        self.link: Optional[ControllerLink] = None
+        self._meter = UsageMeter()
+        self._sweeper: Optional[asyncio.Task] = None
+        self.handlers.update({
+            Op.PUT_INLINE: self.handle_put_inline,
+            Op.PUT_BEGIN: self.handle_put_begin,
+            Op.PUT_COMMIT: self.handle_put_commit,
+            Op.PUT_ABORT: self.handle_put_abort,
+            Op.GET: self.handle_get,
+            Op.RELEASE: self.handle_release,
+            Op.LOOKUP: self.handle_lookup,
+            Op.DELETE: self.handle_delete,
+            Op.MKDIR: self.handle_mkdir,
+            Op.LIST: self.handle_list,
+            Op.JOB_ADD: self.handle_job_add,
+            Op.JOB_UPDATE: self.handle_job_update,
+            Op.JOB_REMOVE: self.handle_job_remove,
+        })
+
+    # -- helpers -------------------------------------------------------------
+    def _job(self, header: dict, *, write: bool = False) -> JobNamespace:
+        job = self.jobs.get(header.get("job"))
+        token = header.get("tok")
+        if job is None or not isinstance(token, str) or not hmac.compare_digest(job.token, token):
+            raise AccessDenied("unknown job or wrong token")
+        if write and not job.active:
+            raise AccessDenied(f"job {job.job_id} is deregistered; only reads and deletes remain")
+        return job
+
+    async def _storage_conn(self, node: str) -> AsyncConnection:
+        fut = self._storage.get(node)
+        if fut is not None and fut.done() and (fut.exception() or fut.result().closed):
+            fut = None
+        if fut is None:
+            address = self.node_addresses.get(node)
+            if address is None:
+                raise Unavailable(f"storage server {node} is unknown")
+            fut = asyncio.ensure_future(AsyncConnection.open(address, timeout=5.0))
+            self._storage[node] = fut
+        return await asyncio.shield(fut)
+
+    def _retire(self, obj: StoredObject) -> None:
+        """The object is gone from its namespace; free it once nobody reads it."""
+        obj.dead = True
+        if obj.readers == 0:
+            self._free(obj)
+
+    def _free(self, obj: StoredObject) -> None:
+        if obj.inline is not None:
+            self.inline_used -= obj.size
+            obj.inline = None
+        elif obj.extents:
+            self._free_extents(obj.extents)
+            obj.extents = []
+
+    def _free_extents(self, extents: list) -> None:
+        by_node: dict[str, list[int]] = {}
+        for node, ext_id, _length in extents:
+            by_node.setdefault(node, []).append(ext_id)
+        for node, ids in by_node.items():
+            task = asyncio.get_running_loop().create_task(self._send_free(node, ids))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send_free(self, node: str, ids: list[int]) -> None:
+        try:
+            conn = await self._storage_conn(node)
+            await conn.request(Op.EXT_FREE, {"ext": ids}, timeout=10.0)
+        except PocketError as exc:  # the node is gone: its space went with it
+            log.warning("could not free %d extents on %s: %s", len(ids), node, exc)
+
+    def _install(self, job: JobNamespace, name: str, obj: StoredObject) -> None:
+        old = job.objects.get(name)
+        job.objects[name] = obj
+        if old is not None:
+            self._retire(old)
+
+    def _extent_list(self, obj: StoredObject) -> list:
+        return [[self.node_addresses.get(n, "?"), e, length] for n, e, length in obj.extents]
+
+    # -- client handlers -----------------------------------------------------
+    def handle_put_inline(self, conn: ServerConnection, frame: Frame) -> None:
+        h = frame.header
+        job = self._job(h, write=True)
+        name = check_name(h["name"])
+        data = bytes(frame.payload)
+        if len(data) > self.inline_max:
+            raise InvalidRequest(f"inline objects are at most {self.inline_max} bytes")
+        if self.inline_used + len(data) > self.inline_capacity:
+            raise CapacityExceeded("the metadata server's small-object space is full")
+        self.inline_used += len(data)
+        self._install(job, name, StoredObject(len(data), bool(h.get("persist")), inline=data))
+        return None
+
+    async def handle_put_begin(self, conn: ServerConnection, frame: Frame) -> dict:
+        h = frame.header
+        job = self._job(h, write=True)
+        name = check_name(h["name"])
+        size = h["size"]
+        if not isinstance(size, int) or size <= 0:
+            raise InvalidRequest("size must be a positive integer")
+        extents = await self._allocate(job, size)
+        put_id = next(self._ids)
+        self.puts[put_id] = PendingPut(job, name, size, bool(h.get("persist")), extents,
+                                       time.monotonic() + self.put_timeout)
+        return {"put": put_id, "ext": [[self.node_addresses[n], e, length]
+                                       for n, e, length in extents]}
+
+    async def _allocate(self, job: JobNamespace, size: int) -> list:
+        """Extents for ``size`` bytes by the job's weight map; all or nothing."""
+        failed: set[str] = set()
+        todo = None
+        got: list = []
+        try:
+            while True:
+                try:
+                    if todo is None:
+                        todo = plan_pieces(size, job.chooser, split_size=self.split_size)
+                except LookupError:
+                    raise CapacityExceeded(
+                        f"no storage server of job {job.job_id} has room for {size} bytes") from None
+                results = await asyncio.gather(
+                    *(self._alloc_on(job, node, nbytes) for node, nbytes in todo),
+                    return_exceptions=True)
+                retry = []
+                for (node, nbytes), result in zip(todo, results):
+                    if isinstance(result, BaseException):
+                        if not isinstance(result, (CapacityExceeded, Unavailable)):
+                            raise result
+                        failed.add(node)
+                        retry.append(nbytes)
+                    else:
+                        got.extend((node, e, length) for e, length in result)
+                if not retry:
+                    return got
+                todo = []
+                for nbytes in retry:
+                    try:
+                        todo.extend(plan_pieces(nbytes, job.chooser, split_size=self.split_size,
+                                                exclude=failed))
+                    except LookupError:
+                        raise CapacityExceeded(
+                            f"not enough free space for {size} bytes on the job's storage "
+                            f"servers") from None
+        except BaseException:
+            if got:
+                self._free_extents(got)
+            raise
+
+    async def _alloc_on(self, job: JobNamespace, node: str, nbytes: int) -> list:
+        conn = await self._storage_conn(node)
+        reply = await conn.request(Op.EXT_ALLOC, {"job": job.job_id, "size": nbytes}, timeout=10.0)
+        return reply.header["ext"]
+
+    def handle_put_commit(self, conn: ServerConnection, frame: Frame) -> None:
+        h = frame.header
+        job = self._job(h)
+        put = self.puts.get(h["put"])
+        if put is None or put.job is not job:
+            raise NotFound("no such pending put (it may have timed out)")
+        del self.puts[h["put"]]
+        if not job.active:
+            self._free_extents(put.extents)
+            raise AccessDenied(f"job {job.job_id} was deregistered during the put")
+        self._install(job, put.name, StoredObject(put.size, put.persist, extents=put.extents))
+        return None
+
+    def handle_put_abort(self, conn: ServerConnection, frame: Frame) -> None:
+        h = frame.header
+        job = self._job(h)
+        put = self.puts.get(h["put"])
+        if put is not None and put.job is job:
+            del self.puts[h["put"]]
+            self._free_extents(put.extents)
+        return None
+
+    def handle_get(self, conn: ServerConnection, frame: Frame):
+        h = frame.header
+        job = self._job(h)
+        name = check_name(h["name"])
+        obj = job.objects.get(name)
+        if obj is None:
+            raise NotFound(f"no object {name!r}")
+        if h.get("dar"):
+            del job.objects[name]
+            obj.dead = True
+        if obj.inline is not None:
+            data = obj.inline
+            if obj.dead and obj.readers == 0:
+                self._free(obj)
+            return {"size": obj.size}, data
+        obj.readers += 1
+        lease = next(self._ids)
+        self.leases[lease] = (job, obj, time.monotonic() + self.lease_timeout)
+        return {"size": obj.size, "ext": self._extent_list(obj), "lease": lease}
+
+    def handle_release(self, conn: ServerConnection, frame: Frame) -> None:
+        h = frame.header
+        job = self._job(h)
+        entry = self.leases.get(h["lease"])
+        if entry is not None and entry[0] is job:
+            del self.leases[h["lease"]]
+            self._release(entry[1])
+        return None
+
+    def _release(self, obj: StoredObject) -> None:
+        obj.readers -= 1
+        if obj.dead and obj.readers == 0:
+            self._free(obj)
+
+    def handle_lookup(self, conn: ServerConnection, frame: Frame) -> dict:
+        h = frame.header
+        job = self._job(h)
+        name = check_name(h["name"])
+        obj = job.objects.get(name)
+        if obj is None:
+            raise NotFound(f"no object {name!r}")
+        nodes = sorted({n for n, _, _ in obj.extents})
+        return {"size": obj.size, "persist": obj.persist, "inline": obj.inline is not None,
+                "servers": [self.node_addresses.get(n, n) for n in nodes],
+                "tier": job.tier if obj.extents else "metadata", "created": obj.created}
+
+    def handle_delete(self, conn: ServerConnection, frame: Frame) -> None:
+        h = frame.header
+        job = self._job(h)
+        name = check_name(h["name"])
+        obj = job.objects.pop(name, None)
+        if obj is not None:
+            self._retire(obj)
+            return None
+        dirname = name.rstrip("/")
+        if dirname in job.dirs:
+            prefix = dirname + "/"
+            if any(n.startswith(prefix) for n in job.objects) or \
+                    any(d.startswith(prefix) for d in job.dirs):
+                raise InvalidRequest(f"directory {dirname!r} is not empty")
+            job.dirs.discard(dirname)
+            return None
+        raise NotFound(f"no object {name!r}")
+
+    def handle_mkdir(self, conn: ServerConnection, frame: Frame) -> None:
+        h = frame.header
+        job = self._job(h, write=True)
+        name = check_name(h["name"]).rstrip("/")
+        if not name:
+            raise InvalidRequest("a directory needs a name")
+        if name in job.objects:
+            raise InvalidRequest(f"{name!r} is an object")
+        job.dirs.add(name)
+        return None
+
+    def handle_list(self, conn: ServerConnection, frame: Frame) -> dict:
+        h = frame.header
+        job = self._job(h)
+        prefix = h.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise InvalidRequest("prefix must be a string")
+        names = [n for n in job.objects if n.startswith(prefix)]
+        names.extend(d + "/" for d in job.dirs if (d + "/").startswith(prefix))
+        names.sort()
+        return {"names": names}
+
+    # -- controller handlers -------------------------------------------------
+    def _set_weights(self, job: JobNamespace, h: dict) -> None:
+        nodes = h.get("nodes", {})
+        weights = h["weights"]
+        if not isinstance(weights, dict) or not isinstance(nodes, dict):
+            raise InvalidRequest("weights and nodes must be maps")
+        self.node_addresses.update({str(k): str(v) for k, v in nodes.items()})
+        job.weights = {str(k): float(v) for k, v in weights.items()}
+        job.chooser = WeightedChooser(job.weights)
+        job.tier = str(h.get("tier", job.tier))
+
+    def handle_job_add(self, conn: ServerConnection, frame: Frame) -> None:
+        h = frame.header
+        job_id, token = str(h["job"]), str(h["tok"])
+        if job_id in self.jobs:
+            raise InvalidRequest(f"job {job_id} exists")
+        job = JobNamespace(job_id, token, str(h.get("name", job_id)), {}, WeightedChooser({}))
+        self._set_weights(job, h)
+        self.jobs[job_id] = job
+        log.info("job %s added with weights %s", job_id, job.weights)
+        return None
+
+    def handle_job_update(self, conn: ServerConnection, frame: Frame) -> None:
+        job = self.jobs.get(frame.header["job"])
+        if job is None:
+            raise NotFound("no such job")
+        self._set_weights(job, frame.header)
+        return None
+
+    def handle_job_remove(self, conn: ServerConnection, frame: Frame) -> dict:
+        """Deregistration: free everything not persisted (or everything, ``all``)."""
+        h = frame.header
+        job = self.jobs.get(h["job"])
+        if job is None:
+            raise NotFound("no such job")
+        freed = 0
+        for name, obj in list(job.objects.items()):
+            if h.get("all") or not obj.persist:
+                del job.objects[name]
+                freed += obj.size
+                self._retire(obj)
+        for put_id, put in list(self.puts.items()):
+            if put.job is job:
+                del self.puts[put_id]
+                self._free_extents(put.extents)
+        job.active = False
+        kept = len(job.objects)
+        if not kept:
+            job.dirs.clear()
+        log.info("job %s deregistered: %d bytes freed, %d persisted objects kept",
+                 job.job_id, freed, kept)
+        if h.get("all"):
+            del self.jobs[job.job_id]
+        return {"freed": freed, "kept": kept}
+
+    # -- background ----------------------------------------------------------
+    async def _sweep(self) -> None:
+        """Expire forgotten leases and abandoned puts."""
+        while True:
+            await asyncio.sleep(min(5.0, self.lease_timeout / 2))
+            now = time.monotonic()
+            for lease, (_job, obj, deadline) in list(self.leases.items()):
+                if deadline < now:
+                    del self.leases[lease]
+                    self._release(obj)
+            for put_id, put in list(self.puts.items()):
+                if put.deadline < now:
+                    del self.puts[put_id]
+                    self._free_extents(put.extents)
+                    log.warning("put of %r in job %s timed out; space freed", put.name,
+                                put.job.job_id)
+
+    def stats(self) -> dict:
+        usage = self._meter.read(self.bytes_in, self.bytes_out)
+        usage.update({
+            "capacity": self.inline_capacity, "used": self.inline_used,
+            "jobs": {job_id: {"objects": len(j.objects), "bytes": j.bytes_stored(),
+                              "active": j.active}
+                     for job_id, j in self.jobs.items()},
+            "pending_puts": len(self.puts), "leases": len(self.leases),
+        })
+        return usage
+
+    async def on_start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self.controller:
+            self.link = ControllerLink(
+                self.controller,
+                lambda: {"role": "metadata", "tier": "metadata", "addr": self.address,
+                         "capacity": self.inline_capacity, "inline_max": self.inline_max},
+                self.stats, self.heartbeat_interval)
+            self.link.start()
+
+    async def on_stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.link is not None:
+            await self.link.leave()
+        for fut in self._storage.values():
+            if fut.done() and not fut.exception():
+                fut.result().close()

@@ -1,0 +1,278 @@
+"""One server base for all three roles: listen, dispatch by opcode, shut down cleanly.
+
+A role subclasses :class:`Server`, fills ``self.handlers`` (opcode → handler)
+and may override :meth:`Server.sink` to receive payloads into their final
+buffers.  A handler is ``handler(conn, frame)`` and returns ``None``, a header
+dict, or ``(header, payload)``; it may also return a coroutine, which then runs
+as a task (so fast handlers pay no task overhead).  A request error raised by a
+handler becomes an error reply; a malformed frame closes that connection only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from .errors import InvalidRequest, PocketError, ProtocolError
+from .protocol import (FLAG_NO_REPLY, FLAG_REPLY, DEFAULT_LIMITS, Frame, FrameReader, Limits,
+                       Op, OP_NAMES, encode_error, encode_frame)
+from .units import format_address, parse_address
+
+log = logging.getLogger("pocket.server")
+
+Handler = Callable[["ServerConnection", Frame], Any]
+
+
+class ServerConnection(asyncio.BufferedProtocol):
+    """One accepted connection: feeds the codec, dispatches frames, sends replies."""
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+        self.reader = FrameReader(server.limits, sink=self._sink)
+        self.transport: Optional[asyncio.Transport] = None
+        self.peer = "?"
+
+    def _sink(self, opcode: int, flags: int, rid: int, header: dict, size: int):
+        return self.server.sink(self, opcode, flags, rid, header, size)
+
+    # -- asyncio protocol ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = format_address(*peer[:2]) if peer else "?"
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        server = self.server
+        server.bytes_in += nbytes
+        reader = self.reader
+        try:
+            reader.buffer_updated(nbytes)
+        except Exception as exc:  # ProtocolError, or a sink refusing the frame
+            self._protocol_failure(exc)
+            return
+        while reader._frames:
+            server.dispatch(self, reader._frames.popleft())
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        # The peer reads slower than we answer: stop reading its requests
+        # until our replies drain, so nothing buffers without bound.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- replies -------------------------------------------------------------
+    def send(self, parts: list) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if len(parts) == 1:
+            transport.write(parts[0])
+            self.server.bytes_out += len(parts[0])
+        else:
+            transport.writelines(parts)
+            self.server.bytes_out += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+    def reply(self, frame: Frame, result: Any) -> None:
+        if frame.flags & FLAG_NO_REPLY:
+            return
+        if result is None:
+            header, payload = None, None
+        elif isinstance(result, tuple):
+            header, payload = result
+        else:
+            header, payload = result, None
+        self.send(encode_frame(frame.opcode, frame.request_id, header, payload, FLAG_REPLY))
+
+    def reply_error(self, frame: Frame, exc: PocketError) -> None:
+        if frame.flags & FLAG_NO_REPLY:
+            return
+        self.send(encode_error(frame.opcode, frame.request_id, exc.code, str(exc)))
+
+    def _protocol_failure(self, exc: Exception) -> None:
+        self.server.protocol_errors += 1
+        log.warning("%s: closing connection from %s: %s", self.server.role, self.peer, exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Server:
+    """The base of the controller, metadata and storage servers."""
+
+    role = "server"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
+        self.host = host
+        self.port = port
+        self.limits = limits
+        self.handlers: dict[int, Handler] = {Op.PING: self.handle_ping}
+        self.connections: set[ServerConnection] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.requests = 0
+        self.protocol_errors = 0
+        self.started_at = time.monotonic()
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        """The bound ``host:port`` (valid after :meth:`start`)."""
+        return format_address(self.host, self.port)
+
+    # -- overridable ---------------------------------------------------------
+    def sink(self, conn: ServerConnection, opcode: int, flags: int, rid: int,
+             header: dict, size: int) -> Optional[memoryview]:
+        """Return the final buffer for a payload, or None to receive it as bytes."""
+        return None
+
+    async def on_start(self) -> None:
+        """Called once listening; start background tasks here."""
+
+    async def on_stop(self) -> None:
+        """Called on shutdown, after in-flight requests finished."""
+
+    def handle_ping(self, conn: ServerConnection, frame: Frame) -> dict:
+        return {"role": self.role}
+
+    # -- dispatch ------------------------------------------------------------
+    def dispatch(self, conn: ServerConnection, frame: Frame) -> None:
+        self.requests += 1
+        handler = self.handlers.get(frame.opcode)
+        if handler is None or frame.flags & FLAG_REPLY:
+            conn.reply_error(frame, InvalidRequest(
+                f"{self.role} does not handle opcode {frame.opcode}"))
+            return
+        try:
+            result = handler(conn, frame)
+        except Exception as exc:
+            conn.reply_error(frame, self._as_request_error(frame, exc))
+            return
+        if asyncio.iscoroutine(result):
+            task = asyncio.get_running_loop().create_task(self._finish(conn, frame, result))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            conn.reply(frame, result)
+
+    async def _finish(self, conn: ServerConnection, frame: Frame, coro: Any) -> None:
+        try:
+            result = await coro
+        except Exception as exc:
+            conn.reply_error(frame, self._as_request_error(frame, exc))
+        else:
+            conn.reply(frame, result)
+
+    def _as_request_error(self, frame: Frame, exc: Exception) -> PocketError:
+        if isinstance(exc, PocketError) and not isinstance(exc, ProtocolError):
+            return exc
+        if isinstance(exc, (KeyError, TypeError, ValueError, AttributeError, IndexError)):
+            return InvalidRequest(f"bad {OP_NAMES.get(frame.opcode, frame.opcode)} request: "
+                                  f"{type(exc).__name__}: {exc}")
+        log.exception("%s: internal error in %s", self.role, OP_NAMES.get(frame.opcode))
+        return PocketError(f"internal error: {type(exc).__name__}: {exc}")
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self), self.host, self.port, reuse_address=True)
+        sockname = self._server.sockets[0].getsockname()
+        self.host, self.port = sockname[0], sockname[1]
+        await self.on_start()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``grace`` s), close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+        try:
+            await asyncio.wait_for(self.on_stop(), timeout=grace)
+        except Exception as exc:  # shutdown must go on
+            log.warning("%s: error during shutdown: %s", self.role, exc)
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+            except (asyncio.TimeoutError, Exception):
+                pass
+
+
+# -- command-line plumbing shared by the three roles ---------------------------
+
+def env_default(name: str, default: Any) -> Any:
+    """The ``POCKET_<NAME>`` environment variable, else ``default``."""
+    return os.environ.get("POCKET_" + name.upper().replace("-", "_"), default)
+
+
+def common_arguments(parser: argparse.ArgumentParser, default_listen: str) -> None:
+    """Flags every role has; each may also be set as ``POCKET_<FLAG>``."""
+    parser.add_argument("--listen", default=env_default("listen", default_listen),
+                        help=f"address to listen on, HOST:PORT; port 0 picks a free one "
+                             f"(default {default_listen}, env POCKET_LISTEN)")
+    parser.add_argument("--log-level", default=env_default("log_level", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO, env POCKET_LOG_LEVEL)")
+
+
+def run_server(server: Server, announce: Callable[[Server], str] | None = None) -> int:
+    """Run ``server`` until SIGTERM/SIGINT; print the bound address once listening."""
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # uvloop is a dependency; this only guards odd platforms
+        log.warning("uvloop not available; using the default asyncio loop")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        line = announce(server) if announce else f"pocket {server.role} listening on {server.address}"
+        print(line, flush=True)
+        await stop.wait()
+        log.info("%s: shutting down", server.role)
+        await server.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO), stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    return parse_address(text, default_port=0)

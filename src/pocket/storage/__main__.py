@@ -1,0 +1,43 @@
+"""``python -m pocket.storage``: run one storage server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..server import common_arguments, env_default, run_server, setup_logging, split_listen
+from ..units import parse_duration, parse_size
+from .server import TIERS, StorageServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pocket.storage",
+                                     description="Run a Pocket storage server.")
+    common_arguments(parser, "127.0.0.1:0")
+    parser.add_argument("--tier", choices=TIERS, default=env_default("tier", "dram"),
+                        help="storage technology (default dram; env POCKET_TIER)")
+    parser.add_argument("--capacity", default=env_default("capacity", "1GiB"),
+                        help="bytes to serve, e.g. 2GiB (default 1GiB; env POCKET_CAPACITY)")
+    parser.add_argument("--block-size", default=env_default("block_size", "4KiB"),
+                        help="allocation unit (default 4KiB; env POCKET_BLOCK_SIZE)")
+    parser.add_argument("--controller", default=env_default("controller", "127.0.0.1:7070"),
+                        help="controller HOST:PORT to register with, or 'none' "
+                             "(default 127.0.0.1:7070; env POCKET_CONTROLLER)")
+    parser.add_argument("--heartbeat", default=env_default("heartbeat", "1s"),
+                        help="heartbeat interval (default 1s)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    host, port = split_listen(args.listen)
+    try:
+        server = StorageServer(
+            host, port, tier=args.tier, capacity=parse_size(args.capacity),
+            block_size=parse_size(args.block_size),
+            controller=None if args.controller.lower() == "none" else args.controller,
+            heartbeat=parse_duration(args.heartbeat))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run_server(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
