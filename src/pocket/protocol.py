@@ -291,6 +291,8 @@ class FrameReader:
                 if avail < FIXED_SIZE:
                     if self._start == self._end:
                         self._start = self._end = 0
+                    elif self._buf[self._start] != MAGIC:  # fail fast on junk
+                        self._fail(f"bad magic byte {self._buf[self._start]:#x}")
                     return
                 magic, version, opcode, flags, rid, hlen, plen = FIXED.unpack_from(
                     self._buf, self._start)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine (idempotent): redis-server for the
+# Redis comparison, then a virtualenv in .venv with Pocket and its test and
+# benchmark dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing redis-server (Debian package) for the Redis comparison" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        # Debian starts a system service; the benchmarks run their own server.
+        (service redis-server stop || true) >/dev/null 2>&1
+    else
+        echo "setup: redis-server not found and cannot apt-get it; Redis comparisons will be skipped" >&2
+    fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test,bench]'
+echo "setup: done (.venv ready)" >&2
