@@ -104,8 +104,23 @@ class Job:
 
     # -- plumbing ------------------------------------------------------------
     def _md(self, opcode: int, fields: dict, payload: Optional[Buffer] = None) -> Frame:
-        with self._pool.connection(self.metadata) as conn:
-            return conn.request(opcode, {**self._auth, **fields}, payload)
+        # The hot path of every small operation: no context-manager machinery.
+        pool = self._pool
+        conn = pool.acquire(self.metadata)
+        try:
+            fields.update(self._auth)
+            frame = conn.recv(conn.send(opcode, fields, payload))
+        except (Unavailable, ProtocolError):
+            conn.close()
+            raise
+        except PocketError:
+            pool.release(conn)
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        pool.release(conn)
+        return frame
 
     def _md_no_reply(self, opcode: int, fields: dict) -> None:
         try:

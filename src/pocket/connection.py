@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import threading
 from collections import defaultdict
 from contextlib import contextmanager
@@ -172,7 +173,12 @@ class BlockingConnection:
         except OSError as exc:
             raise Unavailable(f"cannot connect to {address}: {exc}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(timeout)
+        # A blocking socket with kernel timeouts: one syscall per send/recv,
+        # where settimeout() would add a poll() before each.
+        self.sock.settimeout(None)
+        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self.timeout = timeout
         self.reader = FrameReader(limits, sink=self._sink)
         self._into: dict[int, memoryview] = {}
@@ -202,9 +208,12 @@ class BlockingConnection:
                 self.sock.sendall(parts[0])
             else:
                 self._send_parts(parts)
-        except (OSError, socket.timeout) as exc:
+        except BlockingIOError:
             self.close()
-            raise Unavailable(f"sending to {self.address} failed: {exc or 'timed out'}") from None
+            raise Unavailable(f"{self.address} did not accept data within {self.timeout:.1f}s") from None
+        except OSError as exc:
+            self.close()
+            raise Unavailable(f"sending to {self.address} failed: {exc}") from None
         return rid
 
     def _send_parts(self, parts: list) -> None:
@@ -235,7 +244,7 @@ class BlockingConnection:
                 while reader._frames:
                     frame = reader._frames.popleft()
                     replies[frame.request_id] = frame
-        except socket.timeout:
+        except (BlockingIOError, socket.timeout):
             self.close()
             raise Unavailable(f"{self.address} did not answer within {self.timeout:.1f}s") from None
         except OSError as exc:
