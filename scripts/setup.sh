@@ -5,15 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# Debian packages: redis-server (the Redis comparison), fio (the flash-tier comparison).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v fio >/dev/null 2>&1 || missing+=(fio)
+if [ ${#missing[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        echo "setup: installing redis-server (Debian package) for the Redis comparison" >&2
+        echo "setup: installing ${missing[*]} (Debian packages) for the benchmark comparisons" >&2
         apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-        # Debian starts a system service; the benchmarks run their own server.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # Debian starts a system redis service; the benchmarks run their own server.
         (service redis-server stop || true) >/dev/null 2>&1
     else
-        echo "setup: redis-server not found and cannot apt-get it; Redis comparisons will be skipped" >&2
+        echo "setup: ${missing[*]} not found and cannot apt-get; those comparisons will be skipped" >&2
     fi
 fi
 

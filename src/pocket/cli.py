@@ -18,10 +18,15 @@ from .units import format_size
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    cluster = LocalCluster(port=args.port, host=args.host, dram=args.dram,
-                           capacity=args.capacity, metadata=args.metadata,
-                           log_level=args.log_level, inherit_logs=not args.log_dir,
-                           log_dir=args.log_dir)
+    try:
+        cluster = LocalCluster(port=args.port, host=args.host, dram=args.dram,
+                               capacity=args.capacity, metadata=args.metadata,
+                               log_level=args.log_level, inherit_logs=not args.log_dir,
+                               log_dir=args.log_dir, nvme=args.nvme, ssd=args.ssd, hdd=args.hdd,
+                               data_dir=args.data_dir, flash_capacity=args.flash_capacity)
+    except ValueError as exc:
+        print(f"pocket up: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -96,6 +101,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help=f"capacity of each storage server (default {format_size(default_capacity(2))} "
                          f"here: a quarter of RAM shared, at most 4 GiB each)")
     up.add_argument("--metadata", type=int, default=1, help="metadata servers (default 1)")
+    up.add_argument("--nvme", type=int, default=0, help="NVMe storage servers (default 0)")
+    up.add_argument("--ssd", type=int, default=0, help="SSD storage servers (default 0)")
+    up.add_argument("--hdd", type=int, default=0, help="HDD storage servers (default 0)")
+    up.add_argument("--data-dir", default=None,
+                    help="directory on the flash/disk device for nvme/ssd/hdd data files")
+    up.add_argument("--flash-capacity", default=None,
+                    help="capacity of each nvme/ssd/hdd server (default: a quarter of the "
+                         "data directory's free space shared, 256 MiB to 16 GiB each)")
     up.add_argument("--log-level", default="INFO", help="server log level (default INFO)")
     up.add_argument("--log-dir", default=None,
                     help="write each server's log to a file here instead of stderr")

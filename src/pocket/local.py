@@ -35,6 +35,13 @@ def default_capacity(servers: int) -> int:
     return max(256 << 20, min(4 << 30, each)) // (1 << 20) * (1 << 20)
 
 
+def default_flash_capacity(directory: str, servers: int) -> int:
+    """Per-server flash capacity: a quarter of the directory's free space shared, 256 MiB–16 GiB."""
+    st = os.statvfs(directory)
+    each = st.f_bavail * st.f_frsize // 4 // max(1, servers)
+    return max(256 << 20, min(16 << 30, each)) // (1 << 20) * (1 << 20)
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -63,9 +70,19 @@ class LocalCluster:
                  capacity: int | str | None = None, metadata: int = 1,
                  log_dir: Optional[str] = None, log_level: str = "INFO",
                  inherit_logs: bool = False, metadata_args: tuple[str, ...] = (),
-                 storage_args: tuple[str, ...] = (), controller_args: tuple[str, ...] = ()) -> None:
-        if dram < 0 or metadata < 1:
+                 storage_args: tuple[str, ...] = (), controller_args: tuple[str, ...] = (),
+                 nvme: int = 0, ssd: int = 0, hdd: int = 0, data_dir: Optional[str] = None,
+                 flash_capacity: int | str | None = None) -> None:
+        if min(dram, nvme, ssd, hdd) < 0 or metadata < 1:
             raise ValueError("need at least one metadata server and no negative counts")
+        self.flash = {"nvme": nvme, "ssd": ssd, "hdd": hdd}
+        flash_servers = nvme + ssd + hdd
+        if flash_servers and not data_dir:
+            raise ValueError("flash tiers (nvme, ssd, hdd) need a data directory (--data-dir)")
+        self.data_dir = data_dir
+        self.flash_capacity = (parse_size(flash_capacity) if flash_capacity is not None else
+                               default_flash_capacity(data_dir, flash_servers) if flash_servers
+                               else 0)
         self.host = host
         self.port = port
         self.dram = dram
@@ -139,6 +156,9 @@ class LocalCluster:
                 self.add_metadata(wait=False, timeout=timeout)
             for _ in range(self.dram):
                 self.add_storage("dram", wait=False, timeout=timeout)
+            for tier, count in self.flash.items():
+                for _ in range(count):
+                    self.add_storage(tier, wait=False, timeout=timeout)
             self.wait_registered(timeout)
         except BaseException:
             self.stop()
@@ -157,7 +177,13 @@ class LocalCluster:
                     wait: bool = True, timeout: float = 30.0, args: tuple[str, ...] = ()
                     ) -> ServerProcess:
         """Start one more storage server of ``tier``."""
-        size = parse_size(capacity) if capacity is not None else self.capacity
+        flash = tier != "dram"
+        size = (parse_size(capacity) if capacity is not None else
+                self.flash_capacity if flash else self.capacity)
+        if flash:
+            if not self.data_dir:
+                raise ValueError("flash tiers need the cluster's data_dir")
+            args = ("--dir", self.data_dir, *args)
         server = self._spawn("storage", ["--listen", f"{self.host}:0", "--controller", self.address,
                                          "--tier", tier, "--capacity", str(size),
                                          *self.storage_args, *args], timeout)
@@ -219,6 +245,10 @@ class LocalCluster:
                 lines.append(f"  {p.role:<9} {p.address}  pid {p.pid}")
         lines.append(f"  ({self.dram} DRAM servers of {format_size(self.capacity)} each; "
                      f"logs in {self.log_dir if not self.inherit_logs else 'stderr'})")
+        flash = ", ".join(f"{n} {tier}" for tier, n in self.flash.items() if n)
+        if flash:
+            lines.append(f"  ({flash} servers of {format_size(self.flash_capacity)} each in "
+                         f"{self.data_dir})")
         return "\n".join(lines)
 
     def __enter__(self) -> "LocalCluster":

@@ -37,6 +37,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.reader = FrameReader(server.limits, sink=self._sink)
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
+        #: Bytes of a payload being received into a server-side buffer (storage).
+        self.receiving = 0
 
     def _sink(self, opcode: int, flags: int, rid: int, header: dict, size: int):
         return self.server.sink(self, opcode, flags, rid, header, size)
@@ -50,6 +52,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.server.connections.discard(self)
+        self.server.connection_closed(self)
         self.transport = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -153,6 +156,9 @@ class Server:
 
     async def on_start(self) -> None:
         """Called once listening; start background tasks here."""
+
+    def connection_closed(self, conn: ServerConnection) -> None:
+        """Called when a client connection is gone."""
 
     async def on_stop(self) -> None:
         """Called on shutdown, after in-flight requests finished."""

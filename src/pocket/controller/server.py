@@ -108,8 +108,9 @@ class ControllerServer(Server):
         node.cpu = float(h.get("cpu", 0.0))
         node.net_in = float(h.get("net_in", 0.0))
         node.net_out = float(h.get("net_out", 0.0))
-        if "jobs" in h:
-            node.info["jobs"] = h["jobs"]
+        for key in ("jobs", "dev_read", "dev_write", "direct_io", "extents"):
+            if key in h:
+                node.info[key] = h[key]
         return None
 
     def handle_node_leave(self, conn: ServerConnection, frame: Frame) -> None:
@@ -211,7 +212,9 @@ class ControllerServer(Server):
             nodes.append({"id": n.id, "role": n.role, "tier": n.tier, "address": n.address,
                           "state": n.state, "capacity": n.capacity, "used": n.used,
                           "cpu": round(n.cpu, 3), "net_in": round(n.net_in),
-                          "net_out": round(n.net_out), "age": round(now - n.last_seen, 2)})
+                          "net_out": round(n.net_out), "age": round(now - n.last_seen, 2),
+                          **{k: n.info[k] for k in ("dev_read", "dev_write", "direct_io")
+                             if k in n.info}})
             job_bytes.update(n.info.get("jobs", {}))
         jobs = []
         for j in self.jobs.values():

@@ -25,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 127.0.0.1:7070; env POCKET_CONTROLLER)")
     parser.add_argument("--heartbeat", default=env_default("heartbeat", "1s"),
                         help="heartbeat interval (default 1s)")
+    parser.add_argument("--dir", default=env_default("dir", None),
+                        help="directory for the data file of nvme/ssd/hdd tiers (required there; "
+                             "env POCKET_DIR)")
+    parser.add_argument("--allow-buffered", action="store_true",
+                        default=bool(env_default("allow_buffered", "")),
+                        help="run a flash tier even where O_DIRECT is refused or ignored (tmpfs), "
+                             "with a warning")
+    parser.add_argument("--io-threads", type=int, default=int(env_default("io_threads", 4)),
+                        help="device I/O threads for flash tiers (default 4)")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     host, port = split_listen(args.listen)
@@ -33,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             host, port, tier=args.tier, capacity=parse_size(args.capacity),
             block_size=parse_size(args.block_size),
             controller=None if args.controller.lower() == "none" else args.controller,
-            heartbeat=parse_duration(args.heartbeat))
+            heartbeat=parse_duration(args.heartbeat), directory=args.dir,
+            allow_buffered=args.allow_buffered, io_threads=args.io_threads)
     except ValueError as exc:
         parser.error(str(exc))
     return run_server(server)

@@ -13,19 +13,23 @@ import logging
 import mmap
 import secrets
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ..errors import CapacityExceeded, InvalidRequest, NotFound
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
 from ..server import Server, ServerConnection
 from .allocator import BlockAllocator
+from .flash import ALIGN, FlashDevice, aligned_buffer
 
 log = logging.getLogger("pocket.storage")
 
 #: The largest single extent; bigger requests get several extents.
 MAX_EXTENT = 64 << 20
 TIERS = ("dram", "nvme", "ssd", "hdd")
+FLASH_TIERS = ("nvme", "ssd", "hdd")
+#: Flash writes received but not yet on the device; above this, stop reading.
+FLASH_INFLIGHT_LIMIT = 256 << 20
 
 
 @dataclass
@@ -46,6 +50,8 @@ class DramArena:
         self._map = mmap.mmap(-1, max(capacity, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self._map)
 
+    direct = False
+
     def release(self, offset: int, length: int) -> None:
         """Give freed pages back to the OS (they read as zeros afterwards)."""
         if length >= mmap.PAGESIZE and offset % mmap.PAGESIZE == 0:
@@ -59,26 +65,39 @@ class StorageServer(Server):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tier: str = "dram",
                  capacity: int = 1 << 30, block_size: int = 4096,
-                 controller: Optional[str] = None, heartbeat: float = 1.0) -> None:
+                 controller: Optional[str] = None, heartbeat: float = 1.0,
+                 directory: Optional[str] = None, allow_buffered: bool = False,
+                 io_threads: int = 4) -> None:
         if tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
-        if tier != "dram":
-            raise ValueError(f"tier {tier!r} is not available yet; use --tier dram")
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError("block size must be a power of two ≥ 512")
+        if tier in FLASH_TIERS and block_size < ALIGN:
+            raise ValueError(f"flash tiers need a block size of at least {ALIGN}")
         if capacity < block_size:
             raise ValueError("capacity must hold at least one block")
         super().__init__(host, port, Limits(max_header=64 << 10, max_payload=MAX_EXTENT))
         self.tier = tier
         self.block_size = block_size
         self.capacity = capacity - capacity % block_size
-        self.arena = DramArena(self.capacity)
+        self.device: Union[DramArena, FlashDevice]
+        if tier == "dram":
+            self.device = DramArena(self.capacity)
+        else:
+            if not directory:
+                raise ValueError(f"--dir is required for the {tier} tier")
+            self.device = FlashDevice(directory, self.capacity, tier=tier,
+                                      allow_buffered=allow_buffered, io_threads=io_threads)
+        self.flash = tier in FLASH_TIERS
         self.allocator = BlockAllocator(self.capacity // block_size)
         self.extents: dict[int, Extent] = {}
         self.controller = controller
         self.heartbeat_interval = heartbeat
         self.link: Optional[ControllerLink] = None
         self._meter = UsageMeter()
+        self._dev_meter = UsageMeter()
+        self.flash_inflight = 0
+        self._paused: set[ServerConnection] = set()
         self.handlers.update({
             Op.EXT_ALLOC: self.handle_alloc,
             Op.EXT_WRITE: self.handle_write,
@@ -123,27 +142,42 @@ class StorageServer(Server):
         if ext is None:
             return 0
         self.allocator.free(ext.block, ext.nblocks)
-        self.arena.release(ext.block * self.block_size, ext.nblocks * self.block_size)
+        self.device.release(ext.block * self.block_size, ext.nblocks * self.block_size)
         return ext.nblocks * self.block_size
 
-    def _extent_view(self, header: dict, size: int) -> memoryview:
+    def _extent_offset(self, header: dict, size: int) -> int:
+        """The device offset of ``size`` bytes at ``header['off']`` in extent ``header['ext']``."""
         ext = self.extents.get(header["ext"])
         if ext is None:
             raise NotFound("no such extent")
         off = header.get("off", 0)
-        if not isinstance(off, int) or off < 0 or off + size > ext.length:
+        if not isinstance(off, int) or not isinstance(size, int) or off < 0 or size < 0 \
+                or off + size > ext.length:
             raise InvalidRequest(f"range {off}+{size} outside extent of {ext.length} bytes")
-        start = ext.block * self.block_size + off
-        return self.arena.view[start:start + size]
+        return ext.block * self.block_size + off
+
+    def _extent_view(self, header: dict, size: int) -> memoryview:
+        start = self._extent_offset(header, size)
+        return self.device.view[start:start + size]
 
     # -- handlers ------------------------------------------------------------
     def sink(self, conn: ServerConnection, opcode: int, flags: int, rid: int,
              header: dict, size: int) -> Optional[memoryview]:
         if opcode == Op.EXT_WRITE:
             try:
-                return self._extent_view(header, size)
+                if not self.flash:
+                    return self._extent_view(header, size)  # received into its block
+                if self._extent_offset(header, size) % ALIGN:
+                    return None
             except Exception:
                 return None  # received into a scratch buffer; the handler reports why
+            # Flash: receive into a page-aligned buffer that goes to the device as is.
+            self.flash_inflight += size
+            conn.receiving = size
+            if self.flash_inflight > FLASH_INFLIGHT_LIMIT and conn.transport is not None:
+                conn.transport.pause_reading()
+                self._paused.add(conn)
+            return memoryview(aligned_buffer(size))[:size]
         if size > 0:
             raise InvalidRequest("only EXT_WRITE carries a payload")
         return None
@@ -152,15 +186,46 @@ class StorageServer(Server):
         h = frame.header
         return {"ext": self.alloc(str(h["job"]), h["size"])}
 
-    def handle_write(self, conn: ServerConnection, frame: Frame) -> None:
+    def handle_write(self, conn: ServerConnection, frame: Frame):
+        conn.receiving = 0
         if not frame.sunk:
-            self._extent_view(frame.header, len(frame.payload))  # raises the reason
+            start = self._extent_offset(frame.header, len(frame.payload))  # raises the reason
+            if self.flash and start % ALIGN:
+                raise InvalidRequest(f"flash writes must start at a multiple of {ALIGN} bytes")
             raise InvalidRequest("write was not received into its extent")
+        if self.flash:
+            return self._write_flash(frame)
         return None
+
+    async def _write_flash(self, frame: Frame) -> None:
+        size = len(frame.payload)
+        try:
+            # Look the extent up again: it may have been freed while the payload arrived.
+            start = self._extent_offset(frame.header, size)
+            await self.device.write(start, frame.payload)
+        finally:
+            self.flash_inflight -= size
+            if self._paused and self.flash_inflight <= FLASH_INFLIGHT_LIMIT:
+                for conn in self._paused:
+                    if conn.transport is not None and not conn.transport.is_closing():
+                        conn.transport.resume_reading()
+                self._paused.clear()
+
+    def connection_closed(self, conn: ServerConnection) -> None:
+        # A flash payload cut off mid-way never reaches handle_write: give back its share.
+        self.flash_inflight -= conn.receiving
+        conn.receiving = 0
+        self._paused.discard(conn)
 
     def handle_read(self, conn: ServerConnection, frame: Frame):
         h = frame.header
+        if self.flash:
+            return self._read_flash(h)
         return None, self._extent_view(h, h["len"])
+
+    async def _read_flash(self, h: dict):
+        start = self._extent_offset(h, h["len"])
+        return None, await self.device.read(start, h["len"])
 
     def handle_free(self, conn: ServerConnection, frame: Frame) -> dict:
         ids = frame.header["ext"]
@@ -173,6 +238,10 @@ class StorageServer(Server):
         usage = self._meter.read(self.bytes_in, self.bytes_out)
         usage.update({"tier": self.tier, "capacity": self.capacity, "used": self.used,
                       "extents": len(self.extents)})
+        if self.flash:
+            dev = self._dev_meter.read(self.device.bytes_read, self.device.bytes_written)
+            usage.update({"dev_read": dev["net_in"], "dev_write": dev["net_out"],
+                          "direct_io": self.device.direct})
         return usage
 
     async def on_start(self) -> None:
@@ -189,3 +258,5 @@ class StorageServer(Server):
     async def on_stop(self) -> None:
         if self.link is not None:
             await self.link.leave()
+        if self.flash:
+            self.device.close()
