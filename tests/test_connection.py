@@ -74,3 +74,21 @@ def test_pipelined_requests_on_one_connection(cluster) -> None:
     for rid in reversed(ids):  # replies can be collected in any order
         assert conn.recv(rid).header["role"] == "controller"
     conn.close()
+
+
+def test_async_request_times_out_and_fails_pending(silent_server: str) -> None:
+    import asyncio
+
+    from pocket.connection import AsyncConnection
+
+    async def main() -> None:
+        conn = await AsyncConnection.open(silent_server)
+        t0 = time.monotonic()
+        results = await asyncio.gather(conn.request(Op.PING, {}, timeout=0.3),
+                                       conn.request(Op.PING, {}, timeout=5.0),
+                                       return_exceptions=True)
+        assert all(isinstance(r, pocket.Unavailable) for r in results), results
+        assert time.monotonic() - t0 < 2  # the second failed with the first: connection closed
+        assert conn.closed
+
+    asyncio.run(main())

@@ -34,7 +34,9 @@ class _Connections:
 
     async def get(self, address: str) -> AsyncConnection:
         fut = self._conns.get(address)
-        if fut is not None and fut.done() and (fut.exception() or fut.result().closed):
+        if fut is not None and fut.done():
+            if not fut.cancelled() and fut.exception() is None and not fut.result().closed:
+                return fut.result()  # the common case: no shield, no await
             fut = None
         if fut is None:
             fut = asyncio.ensure_future(AsyncConnection.open(address))

@@ -138,7 +138,9 @@ class MetadataServer(Server):
 
     async def _storage_conn(self, node: str) -> AsyncConnection:
         fut = self._storage.get(node)
-        if fut is not None and fut.done() and (fut.exception() or fut.result().closed):
+        if fut is not None and fut.done():
+            if not fut.cancelled() and fut.exception() is None and not fut.result().closed:
+                return fut.result()
             fut = None
         if fut is None:
             address = self.node_addresses.get(node)
