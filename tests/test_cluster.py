@@ -211,3 +211,19 @@ def test_garbage_closes_one_connection_only(cluster: LocalCluster, client: pocke
     job.put("x", b"y" * 100_000)
     assert job.get("x") == b"y" * 100_000
     job.deregister()
+
+
+def test_dram_residency_follows_stored_bytes(make_cluster) -> None:
+    import psutil
+
+    c = make_cluster(dram=1, capacity="512MiB", storage_args=("--resident-slack", "16MiB"))
+    storage = psutil.Process(next(p.pid for p in c.processes if p.role == "storage"))
+    base = storage.memory_info().rss
+    job = pocket.connect(c.address).register_job("rss")
+    data = b"r" * (4 << 20)
+    for i in range(64):  # 256 MiB, overwritten twice: freed space is reused, not re-faulted
+        job.put(f"o{i % 32}", data)
+    assert storage.memory_info().rss - base < (128 + 16 + 16) << 20
+    for i in range(32):
+        job.delete(f"o{i}")
+    assert wait_for(lambda: storage.memory_info().rss - base < 32 << 20, timeout=10)

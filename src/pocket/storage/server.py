@@ -9,6 +9,7 @@ read extents whose ids the metadata server gave them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mmap
 import secrets
@@ -42,20 +43,49 @@ class Extent:
     job: str
 
 
+def resident_bytes() -> int:
+    """This process's resident set size (from /proc/self/statm)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
 class DramArena:
-    """A preallocated anonymous mapping; pages become resident only when written."""
+    """A preallocated anonymous mapping; pages become resident only when written.
+
+    Freed space stays resident so the next write into it does not fault and
+    zero fresh pages (that churn costs more than the copy itself); :meth:`trim`
+    returns free pages to the OS once the process holds more than the stored
+    bytes plus a slack.
+    """
+
+    direct = False
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._map = mmap.mmap(-1, max(capacity, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self._map)
-
-    direct = False
+        self.baseline = resident_bytes()
 
     def release(self, offset: int, length: int) -> None:
-        """Give freed pages back to the OS (they read as zeros afterwards)."""
-        if length >= mmap.PAGESIZE and offset % mmap.PAGESIZE == 0:
-            self._map.madvise(mmap.MADV_DONTNEED, offset, length - length % mmap.PAGESIZE)
+        """Freed space is kept resident for reuse; see :meth:`trim`."""
+
+    def trim(self, free_runs: list[tuple[int, int]], block_size: int, used: int,
+             slack: int) -> int:
+        """If resident memory exceeds ``used + slack``, drop the pages of free runs.
+
+        Returns the bytes of free space advised away (0 when within budget).
+        """
+        if resident_bytes() - self.baseline <= used + slack:
+            return 0
+        released = 0
+        for start, nblocks in free_runs:
+            offset, length = start * block_size, nblocks * block_size
+            head = -offset % mmap.PAGESIZE
+            length = (length - head) // mmap.PAGESIZE * mmap.PAGESIZE
+            if length > 0:
+                self._map.madvise(mmap.MADV_DONTNEED, offset + head, length)
+                released += length
+        return released
 
 
 class StorageServer(Server):
@@ -67,7 +97,7 @@ class StorageServer(Server):
                  capacity: int = 1 << 30, block_size: int = 4096,
                  controller: Optional[str] = None, heartbeat: float = 1.0,
                  directory: Optional[str] = None, allow_buffered: bool = False,
-                 io_threads: int = 4) -> None:
+                 io_threads: int = 4, resident_slack: int = 64 << 20) -> None:
         if tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
         if block_size < 512 or block_size & (block_size - 1):
@@ -89,6 +119,8 @@ class StorageServer(Server):
             self.device = FlashDevice(directory, self.capacity, tier=tier,
                                       allow_buffered=allow_buffered, io_threads=io_threads)
         self.flash = tier in FLASH_TIERS
+        self.resident_slack = resident_slack
+        self._trimmer: Optional[asyncio.Task] = None
         self.allocator = BlockAllocator(self.capacity // block_size)
         self.extents: dict[int, Extent] = {}
         self.controller = controller
@@ -244,9 +276,20 @@ class StorageServer(Server):
                           "direct_io": self.device.direct})
         return usage
 
+    async def _trim_loop(self) -> None:
+        """Keep DRAM residency within stored bytes + slack (checked twice a second)."""
+        while True:
+            await asyncio.sleep(0.5)
+            released = self.device.trim(self.allocator.free_runs, self.block_size, self.used,
+                                        self.resident_slack)
+            if released:
+                log.debug("trimmed %d bytes of free arena pages", released)
+
     async def on_start(self) -> None:
         log.info("storage: tier %s, %d bytes in %d-byte blocks", self.tier, self.capacity,
                  self.block_size)
+        if not self.flash:
+            self._trimmer = asyncio.get_running_loop().create_task(self._trim_loop())
         if self.controller:
             self.link = ControllerLink(
                 self.controller,
@@ -256,6 +299,8 @@ class StorageServer(Server):
             self.link.start()
 
     async def on_stop(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self.link is not None:
             await self.link.leave()
         if self.flash:
