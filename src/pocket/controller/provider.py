@@ -1,0 +1,227 @@
+"""Node providers: how the controller gets new storage nodes when a job's tier is short.
+
+A provider is small on purpose: how many more nodes of a tier it could start
+(:meth:`NodeProvider.available`), start some (:meth:`NodeProvider.start`,
+returning the addresses the new servers will register from), and stop what
+it started (:meth:`NodeProvider.stop`, on controller shutdown).  The
+controller waits for the new nodes to register and then packs them.
+
+* :class:`NoProvider` (``--provider none``, the default): nodes are started
+  by hand; a job that does not fit gets the best map over the nodes there are.
+* :class:`LocalProvider` (``--provider local``): ``python -m pocket.storage``
+  processes on this machine, at most ``--max-nodes`` of them.
+
+A Kubernetes provider would implement the same three methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from ..errors import Unavailable
+from .planner import NodeProfile
+
+log = logging.getLogger("pocket.provider")
+
+FLASH_TIERS = ("nvme", "ssd", "hdd")
+
+
+class NodeProvider(Protocol):
+    """Starts and stops storage nodes for the controller."""
+
+    name: str
+
+    def available(self, tier: str) -> int:
+        """How many more nodes of ``tier`` this provider could start now."""
+
+    async def start(self, tier: str, count: int, profile: NodeProfile,
+                    controller: str) -> list[str]:
+        """Start ``count`` storage nodes of ``profile`` registering with ``controller``.
+
+        Returns their addresses (host:port) once they listen; raises
+        :class:`Unavailable` if any could not be started.
+        """
+
+    async def stop(self) -> None:
+        """Stop every node this provider started."""
+
+    def describe(self) -> dict:
+        """The provider as plain data for ``pocket status``."""
+
+
+class NoProvider:
+    """No way to add nodes: shortfalls are overcommitted over the existing nodes."""
+
+    name = "none"
+
+    def available(self, tier: str) -> int:
+        return 0
+
+    async def start(self, tier: str, count: int, profile: NodeProfile,
+                    controller: str) -> list[str]:
+        raise Unavailable("no node provider is configured (--provider none)")
+
+    async def stop(self) -> None:
+        return None
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass(eq=False)
+class LocalNode:
+    """A storage server process started by :class:`LocalProvider`."""
+
+    tier: str
+    process: asyncio.subprocess.Process
+    address: str = ""
+    drain: Optional[asyncio.Task] = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None
+
+
+class LocalProvider:
+    """Storage servers as local processes (``python -m pocket.storage``), at most ``max_nodes``.
+
+    Flash tiers need ``data_dir`` (a directory that supports O_DIRECT); without
+    it only DRAM nodes are offered.  Children die with the controller
+    (PR_SET_PDEATHSIG) and are stopped by :meth:`stop` on a clean shutdown.
+    """
+
+    name = "local"
+
+    def __init__(self, *, max_nodes: int = 8, data_dir: Optional[str] = None,
+                 host: str = "127.0.0.1", log_level: str = "INFO",
+                 start_timeout: float = 30.0, extra_args: tuple[str, ...] = ()) -> None:
+        if max_nodes < 0:
+            raise ValueError("max_nodes must not be negative")
+        self.max_nodes = max_nodes
+        self.data_dir = data_dir
+        self.host = host
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self.extra_args = tuple(extra_args)
+        self.nodes: list[LocalNode] = []
+        self._starting = 0
+
+    def running(self) -> int:
+        return sum(1 for n in self.nodes if n.running)
+
+    def available(self, tier: str) -> int:
+        if tier in FLASH_TIERS and not self.data_dir:
+            return 0
+        return max(0, self.max_nodes - self.running() - self._starting)
+
+    def command(self, tier: str, profile: NodeProfile, controller: str) -> list[str]:
+        cmd = [sys.executable, "-m", "pocket.storage", "--listen", f"{self.host}:0",
+               "--controller", controller, "--tier", tier, "--capacity", str(profile.capacity),
+               "--throughput", str(int(profile.throughput)), "--log-level", self.log_level]
+        if tier in FLASH_TIERS:
+            cmd += ["--dir", str(self.data_dir)]
+        return cmd + list(self.extra_args)
+
+    async def start(self, tier: str, count: int, profile: NodeProfile,
+                    controller: str) -> list[str]:
+        if count <= 0:
+            return []
+        if count > self.available(tier):
+            raise Unavailable(f"the local provider may start {self.available(tier)} more "
+                              f"{tier} nodes, not {count} (--max-nodes {self.max_nodes})")
+        self._starting += count
+        try:
+            results = await asyncio.gather(
+                *(self._start_one(tier, profile, controller) for _ in range(count)),
+                return_exceptions=True)
+        finally:
+            self._starting -= count
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for r in results:
+                if isinstance(r, LocalNode):
+                    await self._stop_node(r, grace=2.0)
+            raise Unavailable(f"the local provider could not start {tier} nodes: {errors[0]}")
+        return [r.address for r in results]  # type: ignore[union-attr]
+
+    async def _start_one(self, tier: str, profile: NodeProfile, controller: str) -> LocalNode:
+        env = dict(os.environ)
+        env.pop("POCKET_LISTEN", None)
+        proc = await asyncio.create_subprocess_exec(
+            *self.command(tier, profile, controller), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=None, env=env, preexec_fn=_die_with_parent)
+        node = LocalNode(tier, proc)
+        self.nodes.append(node)
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(),  # type: ignore[union-attr]
+                                          self.start_timeout)
+        except asyncio.TimeoutError:
+            await self._stop_node(node, grace=1.0)
+            raise Unavailable(f"a {tier} storage server did not start in "
+                              f"{self.start_timeout:g}s") from None
+        text = line.decode(errors="replace").strip()
+        if " listening on " not in text:
+            await self._stop_node(node, grace=1.0)
+            raise Unavailable(f"a {tier} storage server exited ({proc.returncode}) before "
+                              f"listening: {text or 'no output'}")
+        node.address = text.rsplit(" listening on ", 1)[1].split()[0]
+        node.drain = asyncio.get_running_loop().create_task(self._drain(proc))
+        log.info("local provider started %s storage server %s (pid %d)", tier, node.address,
+                 proc.pid)
+        return node
+
+    @staticmethod
+    async def _drain(proc: asyncio.subprocess.Process) -> None:
+        # Servers print one line; keep reading so a chatty child never blocks on a full pipe.
+        while await proc.stdout.read(65536):  # type: ignore[union-attr]
+            pass
+
+    async def _stop_node(self, node: LocalNode, grace: float) -> None:
+        proc = node.process
+        if proc.returncode is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), grace)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+            except ProcessLookupError:
+                pass
+        if node.drain is not None:
+            node.drain.cancel()
+
+    async def stop(self, grace: float = 4.0) -> None:
+        """SIGTERM every node started here; SIGKILL what is left after ``grace`` seconds."""
+        nodes, self.nodes = self.nodes, []
+        if nodes:
+            log.info("local provider: stopping %d storage servers", sum(n.running for n in nodes))
+        await asyncio.gather(*(self._stop_node(n, grace) for n in nodes),
+                             return_exceptions=True)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "max_nodes": self.max_nodes, "running": self.running(),
+                "data_dir": self.data_dir}
+
+
+def make_provider(name: str, **kwargs) -> NodeProvider:
+    """``"none"`` or ``"local"`` → a provider."""
+    name = name.strip().lower()
+    if name == "none":
+        return NoProvider()
+    if name == "local":
+        return LocalProvider(**kwargs)
+    raise ValueError(f"unknown node provider {name!r} (none, local)")
