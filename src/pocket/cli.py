@@ -14,6 +14,7 @@ from .connection import BlockingConnection
 from .errors import PocketError
 from .local import LocalCluster, default_capacity
 from .protocol import Op
+from .controller.planner import format_rate
 from .units import format_size
 
 
@@ -23,7 +24,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                                capacity=args.capacity, metadata=args.metadata,
                                log_level=args.log_level, inherit_logs=not args.log_dir,
                                log_dir=args.log_dir, nvme=args.nvme, ssd=args.ssd, hdd=args.hdd,
-                               data_dir=args.data_dir, flash_capacity=args.flash_capacity)
+                               data_dir=args.data_dir, flash_capacity=args.flash_capacity,
+                               provider=args.provider, max_nodes=args.max_nodes)
     except ValueError as exc:
         print(f"pocket up: {exc}", file=sys.stderr)
         return 2
@@ -69,13 +71,21 @@ def format_status(status: dict) -> str:
                      f"{n['state']:<8} {format_size(n['capacity']):>11} "
                      f"{format_size(n['used']):>11} {n['cpu'] * 100:>4.0f}%")
     lines += ["", f"{'JOB':<28} {'NAME':<14} {'STATE':<13} {'TIER':<6} {'OBJECTS':>8} "
-                  f"{'BYTES':>11}  WEIGHT MAP"]
+                  f"{'BYTES':>11} {'ALLOCATED':>22} {'COST $':>10}  WEIGHT MAP"]
     for j in status["jobs"]:
         weights = ", ".join(f"{k}={v:.2f}" for k, v in j["weight_map"].items())
+        alloc = j.get("allocation") or {}
+        allocated = (f"{format_rate(alloc['throughput'])} {format_size(alloc['capacity'])}"
+                     if alloc else "-")
+        if j.get("overcommitted"):
+            allocated += "!"
         lines.append(f"{j['id']:<28} {j['name'][:14]:<14} {j['state']:<13} {j['tier']:<6} "
-                     f"{j['objects']:>8} {format_size(j['bytes']):>11}  {weights}")
+                     f"{j['objects']:>8} {format_size(j['bytes']):>11} {allocated:>22} "
+                     f"{j.get('cost', 0.0):>10.6f}  {weights}")
     if not status["jobs"]:
         lines.append("(no jobs)")
+    elif any(j.get("overcommitted") for j in status["jobs"]):
+        lines.append("(! overcommitted: the tier lacked room and no provider could add nodes)")
     return "\n".join(lines)
 
 
@@ -109,6 +119,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     up.add_argument("--flash-capacity", default=None,
                     help="capacity of each nvme/ssd/hdd server (default: a quarter of the "
                          "data directory's free space shared, 256 MiB to 16 GiB each)")
+    up.add_argument("--provider", choices=("none", "local"), default="none",
+                    help="local: the controller starts more storage servers (up to --max-nodes) "
+                         "when a job's tier is short; none (default): it overcommits the "
+                         "servers started here, with a warning")
+    up.add_argument("--max-nodes", type=int, default=8,
+                    help="most storage servers the local provider runs (default 8)")
     up.add_argument("--log-level", default="INFO", help="server log level (default INFO)")
     up.add_argument("--log-dir", default=None,
                     help="write each server's log to a file here instead of stderr")

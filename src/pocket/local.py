@@ -22,7 +22,7 @@ from typing import IO, Optional
 from .connection import BlockingConnection
 from .errors import PocketError, Unavailable
 from .protocol import Op
-from .units import format_size, parse_size
+from .units import format_size, parse_rate, parse_size
 
 
 def default_capacity(servers: int) -> int:
@@ -72,16 +72,19 @@ class LocalCluster:
                  inherit_logs: bool = False, metadata_args: tuple[str, ...] = (),
                  storage_args: tuple[str, ...] = (), controller_args: tuple[str, ...] = (),
                  nvme: int = 0, ssd: int = 0, hdd: int = 0, data_dir: Optional[str] = None,
-                 flash_capacity: int | str | None = None) -> None:
+                 flash_capacity: int | str | None = None, provider: str = "none",
+                 max_nodes: int = 8, throughput: int | str | None = None) -> None:
         if min(dram, nvme, ssd, hdd) < 0 or metadata < 1:
             raise ValueError("need at least one metadata server and no negative counts")
+        if provider not in ("none", "local"):
+            raise ValueError(f"unknown node provider {provider!r} (none, local)")
         self.flash = {"nvme": nvme, "ssd": ssd, "hdd": hdd}
         flash_servers = nvme + ssd + hdd
         if flash_servers and not data_dir:
             raise ValueError("flash tiers (nvme, ssd, hdd) need a data directory (--data-dir)")
         self.data_dir = data_dir
         self.flash_capacity = (parse_size(flash_capacity) if flash_capacity is not None else
-                               default_flash_capacity(data_dir, flash_servers) if flash_servers
+                               default_flash_capacity(data_dir, flash_servers) if data_dir
                                else 0)
         self.host = host
         self.port = port
@@ -94,6 +97,12 @@ class LocalCluster:
         self.metadata_args = tuple(metadata_args)
         self.storage_args = tuple(storage_args)
         self.controller_args = tuple(controller_args)
+        #: ``local``: the controller starts more storage servers (up to ``max_nodes``) when a
+        #: job's tier is short; ``none``: it overcommits the servers started here.
+        self.provider = provider
+        self.max_nodes = max_nodes
+        #: Data rate each storage server reports (default: its tier's node profile).
+        self.throughput = parse_rate(throughput) if throughput is not None else None
         self.processes: list[ServerProcess] = []
         self.address = ""
 
@@ -146,10 +155,27 @@ class LocalCluster:
             tail = f.read()[-2000:].decode(errors="replace")
         return f"\n--- {server.log_path} ---\n{tail}"
 
+    def controller_profile_args(self) -> list[str]:
+        """Node profiles for the controller that describe the servers this cluster starts
+        (their capacity and rate; prices stay the tier's), and the provider flags."""
+        args = []
+        rate = f",throughput={int(self.throughput)}" if self.throughput else ""
+        args += ["--profile", f"dram:capacity={self.capacity}{rate}"]
+        if self.data_dir:
+            for tier in self.flash:
+                args += ["--profile", f"{tier}:capacity={self.flash_capacity}{rate}"]
+        args += ["--provider", self.provider]
+        if self.provider == "local":
+            args += ["--max-nodes", str(self.max_nodes)]
+            if self.data_dir:
+                args += ["--node-dir", self.data_dir]
+        return args
+
     def start(self, timeout: float = 30.0) -> "LocalCluster":
         """Start every server and wait until all have registered with the controller."""
         try:
             controller = self._spawn("controller", ["--listen", f"{self.host}:{self.port}",
+                                                    *self.controller_profile_args(),
                                                     *self.controller_args], timeout)
             self.address = controller.address
             for _ in range(self.metadata_count):
@@ -184,6 +210,8 @@ class LocalCluster:
             if not self.data_dir:
                 raise ValueError("flash tiers need the cluster's data_dir")
             args = ("--dir", self.data_dir, *args)
+        if self.throughput:
+            args = ("--throughput", str(int(self.throughput)), *args)
         server = self._spawn("storage", ["--listen", f"{self.host}:0", "--controller", self.address,
                                          "--tier", tier, "--capacity", str(size),
                                          *self.storage_args, *args], timeout)
@@ -245,6 +273,9 @@ class LocalCluster:
                 lines.append(f"  {p.role:<9} {p.address}  pid {p.pid}")
         lines.append(f"  ({self.dram} DRAM servers of {format_size(self.capacity)} each; "
                      f"logs in {self.log_dir if not self.inherit_logs else 'stderr'})")
+        if self.provider == "local":
+            lines.append(f"  (the controller may start up to {self.max_nodes} more storage "
+                         f"servers when a job's tier is short)")
         flash = ", ".join(f"{n} {tier}" for tier, n in self.flash.items() if n)
         if flash:
             lines.append(f"  ({flash} servers of {format_size(self.flash_capacity)} each in "

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..server import common_arguments, env_default, run_server, setup_logging, split_listen
-from ..units import parse_duration
+from ..units import parse_duration, parse_rate
+from .planner import DEFAULT_PROFILES, PlannerConfig, format_rate, parse_profile
+from .provider import make_provider
 from .server import ControllerServer
+
+
+def profile_help() -> str:
+    rows = "; ".join(f"{t} {p.instance} {p.capacity / 1e9:g}GB {format_rate(p.throughput)} "
+                     f"${p.price}/h" for t, p in DEFAULT_PROFILES.items())
+    return ("node profile of a tier, TIER:key=value,... with keys capacity, throughput, price "
+            "($/hour), instance; repeatable; env POCKET_PROFILE, several separated by ';' "
+            f"(defaults: {rows})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,10 +27,53 @@ def main(argv: list[str] | None = None) -> int:
     common_arguments(parser, "127.0.0.1:7070")
     parser.add_argument("--node-timeout", default=env_default("node_timeout", "5s"),
                         help="drop a node after this long without heartbeats (default 5s)")
+    parser.add_argument("--profile", action="append", default=None, help=profile_help())
+    parser.add_argument("--lambda-rate", default=env_default("lambda_rate", "600Mbps"),
+                        help="throughput per lambda for the `lambdas` hint (default 600Mbps)")
+    parser.add_argument("--default-throughput", default=env_default("default_throughput",
+                                                                     "400Gbps"),
+                        help="throughput of a job that gives no size hint (default 400Gbps: "
+                             "50 nodes of 8 Gb/s)")
+    parser.add_argument("--hold-time", default=env_default("hold_time", "111s"),
+                        help="a missing capacity hint is throughput x this; a missing "
+                             "throughput hint is capacity / this (default 111s)")
+    parser.add_argument("--provider", default=env_default("provider", "none"),
+                        choices=("none", "local"),
+                        help="who starts storage nodes when a job's tier is short: none "
+                             "(default: overcommit the existing nodes, with a warning) or local "
+                             "(python -m pocket.storage processes on this machine)")
+    parser.add_argument("--max-nodes", type=int, default=int(env_default("max_nodes", 8)),
+                        help="most storage servers the local provider runs at once (default 8)")
+    parser.add_argument("--node-dir", default=env_default("node_dir", None),
+                        help="data directory for nvme/ssd/hdd servers the local provider "
+                             "starts (without it, it starts DRAM servers only)")
+    parser.add_argument("--provision-timeout", default=env_default("provision_timeout", "30s"),
+                        help="how long a job registration waits for new nodes (default 30s)")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     host, port = split_listen(args.listen)
-    server = ControllerServer(host, port, node_timeout=parse_duration(args.node_timeout))
+    try:
+        texts = args.profile if args.profile is not None else \
+            [t for t in os.environ.get("POCKET_PROFILE", "").split(";") if t.strip()]
+        profiles = dict(DEFAULT_PROFILES)
+        for text in texts:
+            profile = parse_profile(text, profiles)
+            profiles[profile.tier] = profile
+        planner = PlannerConfig(lambda_rate=parse_rate(args.lambda_rate),
+                                default_throughput=parse_rate(args.default_throughput),
+                                hold_time=parse_duration(args.hold_time))
+        if min(planner.lambda_rate, planner.default_throughput, planner.hold_time) <= 0:
+            raise ValueError("--lambda-rate, --default-throughput and --hold-time must be "
+                             "positive")
+        provider = make_provider(args.provider, **(
+            {"max_nodes": args.max_nodes, "data_dir": args.node_dir, "host": host if host not in
+             ("0.0.0.0", "::", "") else "127.0.0.1", "log_level": args.log_level}
+            if args.provider == "local" else {}))
+        server = ControllerServer(host, port, node_timeout=parse_duration(args.node_timeout),
+                                  profiles=profiles, planner=planner, provider=provider,
+                                  provision_timeout=parse_duration(args.provision_timeout))
+    except ValueError as exc:
+        parser.error(str(exc))
     return run_server(server)
 
 

@@ -1,4 +1,11 @@
-"""The controller: registers nodes and jobs, hands out weight maps, watches heartbeats."""
+"""The controller: registers nodes and jobs, rightsizes them, hands out weight maps, accounts.
+
+Rightsizing is the pure planner (``planner.py``): hints → allocation → packed
+slices → weight map.  This module is the shell around it: it keeps the
+allocation ledger in step with the nodes that register and leave, asks the
+node provider for nodes when a tier is short, tells the job's metadata server
+its weight map and spill tiers, and integrates each job's cost.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,21 @@ import hmac
 import logging
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ..connection import AsyncConnection
-from ..errors import AccessDenied, InvalidRequest, NotFound, PocketError, Unavailable
+from ..errors import AccessDenied, InvalidRequest, NotFound, Unavailable
 from ..protocol import Frame, Limits, Op
 from ..server import Server, ServerConnection
 from ..storage.server import TIERS
+from ..units import format_size
+from .planner import (DEFAULT_CONFIG, DEFAULT_PROFILES, TIER_ORDER, Allocation, AllocationLedger,
+                      JobUsage, NodeLoad, NodeProfile, Packing, PlannerConfig, Slice,
+                      allocation_rates, format_rate, nodes_needed, pack_allocation,
+                      plan_allocation, spread_allocation, weight_map)
 from .policy import expired, job_slug, least_loaded, normalise_hints, weights_by_free_capacity
+from .provider import NodeProvider, NoProvider
 
 log = logging.getLogger("pocket.controller")
 
@@ -29,6 +42,8 @@ class NodeRecord:
     tier: str
     address: str
     capacity: int
+    throughput: float = 0.0
+    price: float = 0.0
     used: int = 0
     cpu: float = 0.0
     net_in: float = 0.0
@@ -53,6 +68,11 @@ class JobRecord:
     state: str = "active"
     registered: float = field(default_factory=time.time)
     deregistered: Optional[float] = None
+    allocation: Optional[Allocation] = None
+    #: Fraction of the allocation overcommitted on existing nodes (no provider could help).
+    overcommitted: float = 0.0
+    usage: JobUsage = field(default_factory=lambda: JobUsage(time.monotonic()))
+    spill: list = field(default_factory=list)
 
 
 class ControllerServer(Server):
@@ -61,11 +81,23 @@ class ControllerServer(Server):
     role = "controller"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7070, *,
-                 node_timeout: float = 5.0) -> None:
+                 node_timeout: float = 5.0, profiles: Optional[dict[str, NodeProfile]] = None,
+                 planner: PlannerConfig = DEFAULT_CONFIG,
+                 provider: Optional[NodeProvider] = None,
+                 provision_timeout: float = 30.0) -> None:
         super().__init__(host, port, Limits(max_header=1 << 20, max_payload=0))
         self.node_timeout = node_timeout
+        self.profiles: dict[str, NodeProfile] = {**DEFAULT_PROFILES, **(profiles or {})}
+        self.planner = planner
+        self.provider: NodeProvider = provider if provider is not None else NoProvider()
+        self.provision_timeout = provision_timeout
         self.nodes: dict[str, NodeRecord] = {}
         self.jobs: dict[str, JobRecord] = {}
+        self.ledger = AllocationLedger()
+        #: Addresses of nodes a provider is starting for a job → that job.
+        self._pending: dict[str, str] = {}
+        self._joined = asyncio.Event()
+        self._spill_refresh: Optional[asyncio.Task] = None
         self._md_conns: dict[str, AsyncConnection] = {}
         self._monitor: Optional[asyncio.Task] = None
         self.handlers.update({
@@ -85,15 +117,32 @@ class ControllerServer(Server):
         if role not in ("storage", "metadata"):
             raise InvalidRequest(f"unknown role {role!r}")
         tier = str(h.get("tier", "metadata" if role == "metadata" else "dram"))
+        if role == "storage" and tier not in TIERS:
+            raise InvalidRequest(f"unknown tier {tier!r}")
         prefix = "md" if role == "metadata" else tier
         node_id = f"{prefix}-{secrets.token_hex(3)}"
         capacity = h.get("capacity", 0)
         if not isinstance(capacity, int) or capacity < 0:
             raise InvalidRequest("capacity must be a non-negative integer")
+        throughput = 0.0
+        price = 0.0
+        if role == "storage":
+            # A node's profile: its own capacity and rate (from its flags), its tier's price.
+            profile = self.profiles[tier]
+            throughput = h.get("throughput", profile.throughput)
+            if not isinstance(throughput, (int, float)) or throughput <= 0:
+                raise InvalidRequest("throughput must be a positive number")
+            price = profile.price
+        address = str(h["addr"])
         self.nodes[node_id] = NodeRecord(
-            node_id, role, tier, str(h["addr"]), capacity,
-            info={k: v for k, v in h.items() if k not in ("role", "tier", "addr", "capacity")})
-        log.info("%s server %s registered at %s (%s, %d bytes)", role, node_id, h["addr"], tier,
+            node_id, role, tier, address, capacity, float(throughput), price,
+            info={k: v for k, v in h.items()
+                  if k not in ("role", "tier", "addr", "capacity", "throughput")})
+        if role == "storage":
+            self.ledger.add_node(NodeLoad(node_id, tier, capacity, int(throughput), price,
+                                          reserved_for=self._pending.get(address)))
+            self._nodes_changed()
+        log.info("%s server %s registered at %s (%s, %d bytes)", role, node_id, address, tier,
                  capacity)
         return {"node": node_id}
 
@@ -111,14 +160,32 @@ class ControllerServer(Server):
         for key in ("jobs", "dev_read", "dev_write", "direct_io", "extents"):
             if key in h:
                 node.info[key] = h[key]
+        self.ledger.set_capacity(node.id, node.capacity)
         return None
 
     def handle_node_leave(self, conn: ServerConnection, frame: Frame) -> None:
         node = self.nodes.pop(frame.header["node"], None)
         if node is not None:
             log.info("%s server %s left", node.role, node.id)
-            self._drop_md_conn(node.id)
+            self._forget_node(node)
         return None
+
+    def _forget_node(self, node: NodeRecord) -> None:
+        self._drop_md_conn(node.id)
+        if node.role == "storage":
+            self.ledger.remove_node(node.id)
+            self._nodes_changed()
+
+    def _nodes_changed(self) -> None:
+        """Storage nodes came or went: wake provisioning waiters, refresh spill maps soon."""
+        self._joined.set()
+        self._joined = asyncio.Event()
+        if self._spill_refresh is None or self._spill_refresh.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._spill_refresh = loop.create_task(self._refresh_spill())
 
     def _drop_md_conn(self, node_id: str) -> None:
         conn = self._md_conns.pop(node_id, None)
@@ -156,8 +223,8 @@ class ControllerServer(Server):
             hints = normalise_hints(h.get("hints") or {})
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        tier = h.get("tier") or "dram"
-        if tier not in TIERS:
+        tier = h.get("tier")
+        if tier is not None and tier not in TIERS:
             raise InvalidRequest(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
         metadata = self._active("metadata")
         if not metadata:
@@ -165,56 +232,215 @@ class ControllerServer(Server):
         load = {m.id: sum(1 for j in self.jobs.values() if j.metadata == m.id and j.state == "active")
                 for m in metadata}
         md = least_loaded([m.id for m in metadata], load)
-        storage = self._active("storage", tier)
-        if not storage:
-            raise Unavailable(f"no {tier} storage server has registered with the controller")
-        weights = weights_by_free_capacity({n.id: n.capacity - n.used for n in storage})
         job_id = f"{job_slug(name)}-{secrets.token_hex(4)}"
         token = secrets.token_urlsafe(24)
-        await self._md_request(md, Op.JOB_ADD, {
-            "job": job_id, "tok": token, "name": name, "tier": tier, "weights": weights,
-            "nodes": {n.id: n.address for n in storage}})
-        self.jobs[job_id] = JobRecord(job_id, name, token, tier, md, hints, weights)
-        log.info("job %s registered: tier %s, metadata %s, weights %s", job_id, tier, md, weights)
-        return self._job_reply(self.jobs[job_id])
+        can_add = {t: self.provider.available(t) for t in TIER_ORDER}
+        view = self.ledger.view(self.profiles, can_add)
+        allocation = plan_allocation({**hints, "tier": tier}, view, self.planner)
+        slices, overcommitted = await self._place(job_id, allocation)
+        try:
+            weights = weight_map(slices, allocation.throughput, allocation.capacity)
+            job = JobRecord(job_id, name, token, allocation.tier, md, hints, weights,
+                            allocation=allocation, overcommitted=overcommitted,
+                            usage=JobUsage(time.monotonic(),
+                                           allocation_rates(slices, self.ledger.nodes)))
+            job.spill = self._spill_levels(job)
+            await self._md_request(md, Op.JOB_ADD, {
+                "job": job_id, "tok": token, "name": name, **self._map_header(job)})
+        except BaseException:
+            self.ledger.release(job_id)
+            raise
+        self.jobs[job_id] = job
+        log.info("job %s registered: %s %s, metadata %s, weights %s", job_id, allocation.tier,
+                 allocation.reason, md, {k: round(v, 3) for k, v in weights.items()})
+        return self._job_reply(job)
+
+    async def _place(self, job_id: str, allocation: Allocation) -> tuple[list[Slice], float]:
+        """Pack the allocation into its tier: existing nodes, then new ones, then overcommit.
+
+        Returns the slices (already in the ledger) and the overcommitted fraction.
+        """
+        tier, T, C = allocation.tier, allocation.throughput, allocation.capacity
+        packing = pack_allocation(T, C, self.ledger.tier_nodes(tier, job_id))
+        self.ledger.take(job_id, packing.slices)
+        slices = list(packing.slices)
+        rem_t, rem_c = packing.unmet_throughput, packing.unmet_capacity
+        try:
+            if rem_t > 0 or rem_c > 0:
+                count = min(nodes_needed(rem_t, rem_c, self.profiles[tier]),
+                            self.provider.available(tier))
+                if count > 0:
+                    new = [n for n in await self._provision(job_id, tier, count)
+                           if n.id in self.ledger.nodes]  # one may have left already
+                    more = pack_allocation(rem_t, rem_c, new) if new else Packing((), rem_t, rem_c)
+                    for node in new:
+                        self.ledger.set_reserved(node.id, None)
+                    self.ledger.take(job_id, more.slices)
+                    slices += more.slices
+                    rem_t, rem_c = more.unmet_throughput, more.unmet_capacity
+            overcommitted = 0.0
+            if rem_t > 0 or rem_c > 0:
+                nodes = self.ledger.tier_nodes(tier, job_id)
+                if not nodes:
+                    raise Unavailable(f"no {tier} storage server has registered with the "
+                                      f"controller")
+                spread = spread_allocation(rem_t, rem_c, nodes)
+                self.ledger.take(job_id, spread.slices)
+                slices += spread.slices
+                overcommitted = max(rem_t / T, rem_c / C)
+                why = ("no node provider is configured (--provider none)"
+                       if isinstance(self.provider, NoProvider) else
+                       f"the {self.provider.name} provider can start no more {tier} nodes")
+                log.warning("job %s: the %s tier lacks %.0f%% of its allocation (%s, %s) and %s; "
+                            "overcommitting the %d existing %s nodes", job_id, tier,
+                            overcommitted * 100, format_rate(T), format_size(C), why, len(nodes),
+                            tier)
+        except BaseException:
+            self.ledger.release(job_id)
+            raise
+        return slices, overcommitted
+
+    async def _provision(self, job_id: str, tier: str, count: int) -> list[NodeLoad]:
+        """Ask the provider for ``count`` nodes of ``tier`` and wait until they register."""
+        deadline = time.monotonic() + self.provision_timeout
+        log.info("job %s: asking the %s provider for %d %s nodes", job_id, self.provider.name,
+                 count, tier)
+        try:
+            addresses = await asyncio.wait_for(
+                self.provider.start(tier, count, self.profiles[tier], self.address),
+                self.provision_timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"the {self.provider.name} provider did not start {count} {tier} "
+                              f"nodes within {self.provision_timeout:g}s") from None
+        for address in addresses:
+            self._pending[address] = job_id
+        try:
+            while True:
+                found = {n.address: self.ledger.nodes.get(n.id) for n in self.nodes.values()
+                         if n.role == "storage" and n.address in self._pending}
+                new = [found.get(a) for a in addresses]
+                if all(new):
+                    for node in new:  # it may have registered before _pending knew it
+                        self.ledger.set_reserved(node.id, job_id)
+                    return new  # type: ignore[return-value]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    got = sum(1 for n in new if n)
+                    for node in new:
+                        if node is not None:
+                            self.ledger.set_reserved(node.id, None)
+                    raise Unavailable(
+                        f"asked the {self.provider.name} provider for {count} {tier} storage "
+                        f"nodes; {got} registered within {self.provision_timeout:g}s "
+                        f"(--provision-timeout)")
+                event = self._joined
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for address in addresses:
+                self._pending.pop(address, None)
+
+    def _spill_levels(self, job: JobRecord) -> list[list]:
+        """Where writes go when the job's own nodes are full: ``[[tier, weights], ...]``.
+
+        First the job's tier's other nodes, then the slower tiers in order
+        (DRAM → NVMe → SSD → HDD), then the faster ones, nearest first; each
+        level weighted by free bytes.
+        """
+        i = TIER_ORDER.index(job.tier) if job.tier in TIER_ORDER else 0
+        order = [TIER_ORDER[i], *TIER_ORDER[i + 1:], *reversed(TIER_ORDER[:i])]
+        levels = []
+        for tier in order:
+            free = {n.id: n.capacity - n.used for n in self._active("storage", tier)
+                    if n.id not in job.weights and n.capacity > n.used}
+            if free:
+                levels.append([tier, weights_by_free_capacity(free)])
+        return levels
+
+    def _map_header(self, job: JobRecord) -> dict:
+        """The weight map, spill levels and node addresses and tiers (JOB_ADD, JOB_UPDATE)."""
+        ids = set(job.weights).union(*(level[1] for level in job.spill))
+        nodes = {i: self.nodes[i] for i in ids if i in self.nodes}
+        return {"tier": job.tier, "weights": job.weights, "spill": job.spill,
+                "nodes": {i: n.address for i, n in nodes.items()},
+                "tiers": {i: n.tier for i, n in nodes.items()}}
+
+    async def _refresh_spill(self) -> None:
+        """Send active jobs whose spill nodes changed their new spill levels (JOB_UPDATE)."""
+        await asyncio.sleep(0.2)  # let a burst of registrations settle
+        updates = []
+        for job in self.jobs.values():
+            if job.state != "active":
+                continue
+            spill = self._spill_levels(job)
+            if [[t, sorted(w)] for t, w in spill] == [[t, sorted(w)] for t, w in job.spill]:
+                continue
+            job.spill = spill
+            updates.append(self._md_request(job.metadata, Op.JOB_UPDATE, {
+                "job": job.id, "tok": job.token, **self._map_header(job)}))
+        for result in await asyncio.gather(*updates, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("could not update a job's spill map: %s", result)
 
     def _job_reply(self, job: JobRecord) -> dict:
         md = self.nodes.get(job.metadata)
         if md is None:
             raise Unavailable(f"the metadata server of job {job.id} is gone")
-        return {"job": job.id, "tok": job.token, "name": job.name, "md": md.address,
-                "tier": job.tier, "weights": job.weights,
-                "inline_max": md.info.get("inline_max", 64 << 10)}
+        reply = {"job": job.id, "tok": job.token, "name": job.name, "md": md.address,
+                 "tier": job.tier, "weights": job.weights,
+                 "inline_max": md.info.get("inline_max", 64 << 10)}
+        if job.allocation is not None:
+            reply["allocation"] = job.allocation.as_dict()
+        return reply
 
     def handle_job_attach(self, conn: ServerConnection, frame: Frame) -> dict:
         return self._job_reply(self._job(frame.header))
 
     async def handle_job_deregister(self, conn: ServerConnection, frame: Frame) -> dict:
+        """End a job: free its objects (metadata server), return its allocation, report its cost."""
         job = self._job(frame.header)
         if job.state != "active":
-            return {"freed": 0, "kept": None}
+            return {"freed": 0, "kept": None, **self._cost_fields(job)}
         try:
-            reply = await self._md_request(job.metadata, Op.JOB_REMOVE, {"job": job.id})
+            reply = await self._md_request(job.metadata, Op.JOB_REMOVE,
+                                           {"job": job.id, "tok": job.token})
         except NotFound:
             reply = None
+        self.ledger.release(job.id)
+        job.usage.ended = time.monotonic()
         job.state = "deregistered"
         job.deregistered = time.time()
-        log.info("job %s deregistered", job.id)
-        return reply.header if reply is not None else {"freed": 0, "kept": 0}
+        fields = self._cost_fields(job)
+        log.info("job %s deregistered after %.1fs: %.4f node-seconds, $%.6f", job.id,
+                 fields["usage"]["seconds"], fields["usage"]["node_seconds"], fields["cost"])
+        return {**(reply.header if reply is not None else {"freed": 0, "kept": 0}), **fields}
+
+    def _cost_fields(self, job: JobRecord) -> dict:
+        usage = job.usage.report(time.monotonic())
+        return {"usage": usage, "cost": usage["cost"], "tier": job.tier,
+                "allocation": job.allocation.as_dict() if job.allocation else None}
 
     # -- status --------------------------------------------------------------
     def status(self) -> dict:
-        """The cluster as plain data: nodes and jobs."""
+        """The cluster as plain data: nodes, jobs (with allocation, weight map, cost), provider."""
         now = time.monotonic()
         nodes = []
         job_bytes: dict[str, dict] = {}
         for n in self.nodes.values():
-            nodes.append({"id": n.id, "role": n.role, "tier": n.tier, "address": n.address,
-                          "state": n.state, "capacity": n.capacity, "used": n.used,
-                          "cpu": round(n.cpu, 3), "net_in": round(n.net_in),
-                          "net_out": round(n.net_out), "age": round(now - n.last_seen, 2),
-                          **{k: n.info[k] for k in ("dev_read", "dev_write", "direct_io")
-                             if k in n.info}})
+            entry = {"id": n.id, "role": n.role, "tier": n.tier, "address": n.address,
+                     "state": n.state, "capacity": n.capacity, "used": n.used,
+                     "cpu": round(n.cpu, 3), "net_in": round(n.net_in),
+                     "net_out": round(n.net_out), "age": round(now - n.last_seen, 2),
+                     **{k: n.info[k] for k in ("dev_read", "dev_write", "direct_io")
+                        if k in n.info}}
+            load = self.ledger.nodes.get(n.id)
+            if load is not None:
+                entry.update({"throughput": load.throughput, "price": load.price,
+                              "allocated_capacity": load.allocated_capacity,
+                              "allocated_throughput": load.allocated_throughput})
+            nodes.append(entry)
             job_bytes.update(n.info.get("jobs", {}))
         jobs = []
         for j in self.jobs.values():
@@ -225,8 +451,15 @@ class ControllerServer(Server):
             jobs.append({"id": j.id, "name": j.name, "state": j.state, "tier": j.tier,
                          "metadata": md.address if md else None, "metadata_id": j.metadata,
                          "weight_map": j.weights, "hints": j.hints,
-                         "objects": usage.get("objects", 0), "bytes": usage.get("bytes", 0)})
-        return {"controller": self.address, "nodes": nodes, "jobs": jobs}
+                         "overcommitted": round(j.overcommitted, 4),
+                         "spill": [t for t, _ in j.spill],
+                         "objects": usage.get("objects", 0), "bytes": usage.get("bytes", 0),
+                         **self._cost_fields(j)})
+        return {"controller": self.address, "nodes": nodes, "jobs": jobs,
+                "provider": self.provider.describe(),
+                "profiles": {t: {"instance": p.instance, "capacity": p.capacity,
+                                 "throughput": p.throughput, "price": p.price}
+                             for t, p in self.profiles.items()}}
 
     def handle_status(self, conn: ServerConnection, frame: Frame) -> dict:
         return self.status()
@@ -240,7 +473,7 @@ class ControllerServer(Server):
                 node = self.nodes.pop(node_id)
                 log.warning("%s server %s missed heartbeats for %.1fs; dropped", node.role,
                             node_id, self.node_timeout)
-                self._drop_md_conn(node_id)
+                self._forget_node(node)
 
     async def on_start(self) -> None:
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
@@ -248,5 +481,8 @@ class ControllerServer(Server):
     async def on_stop(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+        if self._spill_refresh is not None:
+            self._spill_refresh.cancel()
         for conn in self._md_conns.values():
             conn.close()
+        await self.provider.stop()
