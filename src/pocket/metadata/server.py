@@ -24,6 +24,7 @@ from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound, P
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
 from ..server import Server, ServerConnection
+from ..storage.server import TIERS
 from .placement import DEFAULT_SPLIT_SIZE, WeightedChooser, plan_pieces
 
 log = logging.getLogger("pocket.metadata")
@@ -67,6 +68,10 @@ class JobNamespace:
     active: bool = True
     objects: dict = field(default_factory=dict)
     dirs: set = field(default_factory=set)
+    #: Where writes go when the job's own nodes are full: ``[(tier, chooser), ...]`` in order.
+    spill: list = field(default_factory=list)
+    #: Storage node → its tier, for the nodes of the weight map and the spill levels.
+    node_tiers: dict = field(default_factory=dict)
 
     def bytes_stored(self) -> int:
         return sum(o.size for o in self.objects.values())
@@ -80,6 +85,16 @@ class PendingPut:
     persist: bool
     extents: list
     deadline: float
+
+
+def object_tier(job: JobNamespace, nodes: list) -> str:
+    """Where an object's extents are: a tier, or tiers joined by ``+`` (fastest first)
+    when a spilled object straddles them."""
+    tiers = {job.node_tiers.get(n, job.tier) for n in nodes} or {job.tier}
+    if len(tiers) == 1:
+        return tiers.pop()
+    order = {t: i for i, t in enumerate(TIERS)}
+    return "+".join(sorted(tiers, key=lambda t: (order.get(t, len(order)), t)))
 
 
 class MetadataServer(Server):
@@ -226,7 +241,7 @@ class MetadataServer(Server):
             while True:
                 try:
                     if todo is None:
-                        todo = plan_pieces(size, job.chooser, split_size=self.split_size)
+                        todo = self._plan_spill(job, size, failed)
                 except LookupError:
                     raise CapacityExceeded(
                         f"no storage server of job {job.job_id} has room for {size} bytes") from None
@@ -247,8 +262,7 @@ class MetadataServer(Server):
                 todo = []
                 for nbytes in retry:
                     try:
-                        todo.extend(plan_pieces(nbytes, job.chooser, split_size=self.split_size,
-                                                exclude=failed))
+                        todo.extend(self._plan_spill(job, nbytes, failed))
                     except LookupError:
                         raise CapacityExceeded(
                             f"not enough free space for {size} bytes on the job's storage "
@@ -257,6 +271,21 @@ class MetadataServer(Server):
             if got:
                 self._free_extents(got)
             raise
+
+    def _plan_spill(self, job: JobNamespace, nbytes: int, failed: set) -> list:
+        """Pieces on the job's own nodes; when none is left (all full or gone), on the first
+        spill level that still has a node — the next tier with room.  LookupError if none."""
+        try:
+            return plan_pieces(nbytes, job.chooser, split_size=self.split_size, exclude=failed)
+        except LookupError:
+            if not job.spill:
+                raise
+        for _tier, chooser in job.spill:
+            try:
+                return plan_pieces(nbytes, chooser, split_size=self.split_size, exclude=failed)
+            except LookupError:
+                continue
+        raise LookupError("no storage server left")
 
     async def _alloc_on(self, job: JobNamespace, node: str, nbytes: int) -> list:
         conn = await self._storage_conn(node)
@@ -329,7 +358,8 @@ class MetadataServer(Server):
         nodes = sorted({n for n, _, _ in obj.extents})
         return {"size": obj.size, "persist": obj.persist, "inline": obj.inline is not None,
                 "servers": [self.node_addresses.get(n, n) for n in nodes],
-                "tier": job.tier if obj.extents else "metadata", "created": obj.created}
+                "tier": object_tier(job, nodes) if obj.extents else "metadata",
+                "created": obj.created}
 
     def handle_delete(self, conn: ServerConnection, frame: Frame) -> None:
         h = frame.header
@@ -373,14 +403,38 @@ class MetadataServer(Server):
 
     # -- controller handlers -------------------------------------------------
     def _set_weights(self, job: JobNamespace, h: dict) -> None:
+        """Install a weight map, its spill levels ``[[tier, {node: weight}], ...]`` and the
+        addresses (``nodes``) and tiers (``tiers``) of the nodes they name."""
         nodes = h.get("nodes", {})
         weights = h["weights"]
-        if not isinstance(weights, dict) or not isinstance(nodes, dict):
-            raise InvalidRequest("weights and nodes must be maps")
+        spill = h.get("spill", [])
+        tiers = h.get("tiers", {})
+        if not isinstance(weights, dict) or not isinstance(nodes, dict) or \
+                not isinstance(tiers, dict) or not isinstance(spill, list):
+            raise InvalidRequest("weights, nodes and tiers must be maps, spill a list")
+        levels = []
+        for level in spill:
+            if not (isinstance(level, (list, tuple)) and len(level) == 2 and
+                    isinstance(level[1], dict)):
+                raise InvalidRequest("a spill level is [tier, {node: weight}]")
+            levels.append((str(level[0]), WeightedChooser(
+                {str(k): float(v) for k, v in level[1].items()})))
         self.node_addresses.update({str(k): str(v) for k, v in nodes.items()})
         job.weights = {str(k): float(v) for k, v in weights.items()}
         job.chooser = WeightedChooser(job.weights)
+        job.spill = levels
+        job.node_tiers = {str(k): str(v) for k, v in tiers.items()}
         job.tier = str(h.get("tier", job.tier))
+
+    def _controlled_job(self, h: dict) -> JobNamespace:
+        """The job a JOB_UPDATE/JOB_REMOVE names; the controller proves it with the job's token."""
+        job = self.jobs.get(h.get("job"))
+        if job is None:
+            raise NotFound("no such job")
+        token = h.get("tok")
+        if not isinstance(token, str) or not hmac.compare_digest(job.token, token):
+            raise AccessDenied("wrong token for this job")
+        return job
 
     def handle_job_add(self, conn: ServerConnection, frame: Frame) -> None:
         h = frame.header
@@ -394,18 +448,14 @@ class MetadataServer(Server):
         return None
 
     def handle_job_update(self, conn: ServerConnection, frame: Frame) -> None:
-        job = self.jobs.get(frame.header["job"])
-        if job is None:
-            raise NotFound("no such job")
+        job = self._controlled_job(frame.header)
         self._set_weights(job, frame.header)
         return None
 
     def handle_job_remove(self, conn: ServerConnection, frame: Frame) -> dict:
         """Deregistration: free everything not persisted (or everything, ``all``)."""
         h = frame.header
-        job = self.jobs.get(h["job"])
-        if job is None:
-            raise NotFound("no such job")
+        job = self._controlled_job(h)
         freed = 0
         for name, obj in list(job.objects.items()):
             if h.get("all") or not obj.persist:
