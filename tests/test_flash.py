@@ -139,3 +139,31 @@ def test_flash_tier_needs_a_directory() -> None:
     r = subprocess.run([sys.executable, "-m", "pocket.storage", "--tier", "ssd", "--controller",
                         "none"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--dir is required" in r.stderr
+
+
+def test_concurrent_writes_beyond_the_write_buffer_all_complete(data_dir: str) -> None:
+    """Backpressure pauses writers between frames and always resumes them (no deadlock)."""
+    import threading
+
+    with LocalCluster(dram=0, nvme=2, data_dir=data_dir, flash_capacity="160MiB",
+                      storage_args=("--write-buffer", "8MiB"), log_level="WARNING") as cl, \
+            pocket.connect(cl.address) as c:
+        job = c.register_job("pressure", tier="nvme")
+        errors: list = []
+
+        def writer(i: int) -> None:
+            try:
+                lam = pocket.attach(job.id, job.token, controller=cl.address, timeout=20)
+                lam.put(f"w{i}", np.full(24 << 20, i, dtype=np.uint8))
+                lam.close()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        for i in range(6):
+            assert job.get(f"w{i}") == bytes([i]) * (24 << 20)

@@ -148,3 +148,13 @@ def test_context_managers_deregister(cluster: LocalCluster) -> None:
             job_id, token = job.id, job.token
         with pytest.raises(pocket.NotFound):
             pocket.attach(job_id, token, controller=cluster.address).get("x")
+
+
+@pytest.mark.parametrize("size", [100, 3 << 20])
+def test_get_into_too_small_buffer_keeps_the_object(job: pocket.Job, size: int) -> None:
+    job.put("keep", payload(size))
+    with pytest.raises(pocket.InvalidRequest, match="buffer holds"):
+        job.get_into("keep", bytearray(size - 1), delete_after_read=True)
+    assert job.lookup("keep") is not None
+    assert job.get("keep", delete_after_read=True) == payload(size)
+    assert job.lookup("keep") is None

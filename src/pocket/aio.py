@@ -130,7 +130,8 @@ class AsyncJob:
     async def get_into(self, name: str, buffer: Any, delete_after_read: bool = False) -> int:
         """Read the object into ``buffer``; return its size (no extra copy)."""
         dest = writable_view(buffer)
-        reply = await self._md(Op.GET, {"name": name, "dar": bool(delete_after_read)})
+        reply = await self._md(Op.GET, {"name": name, "dar": bool(delete_after_read),
+                                        "max": dest.nbytes})
         h = reply.header
         size = h["size"]
         if size > dest.nbytes:

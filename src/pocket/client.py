@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -98,6 +100,8 @@ class Job:
         self._pool = pool
         self._owns_pool = owns_pool
         self._auth = {"job": self.id, "tok": self.token}
+        self._threads: Optional[ThreadPoolExecutor] = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<pocket.Job {self.id} tier={self.tier} metadata={self.metadata}>"
@@ -131,11 +135,39 @@ class Job:
 
     def _exchange(self, requests: list[tuple[str, int, dict, Optional[Buffer], Optional[memoryview]]]
                   ) -> list[Frame]:
-        """Send all ``(address, opcode, header, payload, into)`` then collect the replies.
+        """Send all ``(address, opcode, header, payload, into)`` and collect the replies.
 
-        Requests to one address are pipelined on one connection; the first
-        error is raised after every reply has been read.
+        Requests to one address are pipelined on one connection; different
+        addresses are served by parallel threads (blocking socket calls
+        release the GIL), so one slow server does not hold up the others.
+        The first error is raised after every reply has been read.
         """
+        by_address: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_address.setdefault(request[0], []).append(index)
+        if len(by_address) == 1:
+            return self._exchange_one(requests)
+        if self._threads is None:
+            with self._lock:
+                if self._threads is None:
+                    self._threads = ThreadPoolExecutor(max_workers=8,
+                                                       thread_name_prefix="pocket-io")
+        futures = [(indices, self._threads.submit(self._exchange_one,
+                                                  [requests[i] for i in indices]))
+                   for indices in by_address.values()]
+        frames: list = [None] * len(requests)
+        error: Optional[BaseException] = None
+        for indices, future in futures:
+            try:
+                for index, frame in zip(indices, future.result()):
+                    frames[index] = frame
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return frames
+
+    def _exchange_one(self, requests: list) -> list[Frame]:
         conns: dict[str, BlockingConnection] = {}
         sent: list[tuple[BlockingConnection, int]] = []
         frames: list[Frame] = []
@@ -186,8 +218,11 @@ class Job:
             raise
         self._md(Op.PUT_COMMIT, {"put": put_id})
 
-    def _locate(self, name: str, delete_after_read: bool) -> Frame:
-        return self._md(Op.GET, {"name": name, "dar": bool(delete_after_read)})
+    def _locate(self, name: str, delete_after_read: bool, limit: Optional[int] = None) -> Frame:
+        fields = {"name": name, "dar": bool(delete_after_read)}
+        if limit is not None:
+            fields["max"] = limit  # refused (and nothing deleted) if the object is larger
+        return self._md(Op.GET, fields)
 
     def _read_extents(self, h: dict, dest: memoryview) -> None:
         """Receive an object's extents into ``dest``, then release the read lease."""
@@ -225,7 +260,7 @@ class Job:
         Large objects are received straight into ``buffer``: no extra copy.
         """
         dest = writable_view(buffer)
-        reply = self._locate(name, delete_after_read)
+        reply = self._locate(name, delete_after_read, dest.nbytes)
         h = reply.header
         size = h["size"]
         if size > dest.nbytes:
@@ -302,6 +337,9 @@ class Job:
 
     def close(self) -> None:
         """Close this handle's connections (does not deregister)."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+            self._threads = None
         if self._owns_pool:
             self._pool.close()
 

@@ -37,8 +37,6 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.reader = FrameReader(server.limits, sink=self._sink)
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
-        #: Bytes of a payload being received into a server-side buffer (storage).
-        self.receiving = 0
 
     def _sink(self, opcode: int, flags: int, rid: int, header: dict, size: int):
         return self.server.sink(self, opcode, flags, rid, header, size)

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resident-slack", default=env_default("resident_slack", "64MiB"),
                         help="DRAM: freed pages kept resident for reuse, at most this much "
                              "beyond the stored bytes (default 64MiB)")
+    parser.add_argument("--write-buffer", default=env_default("write_buffer", "256MiB"),
+                        help="flash: received writes waiting for the device before clients "
+                             "are paused (default 256MiB)")
     parser.add_argument("--io-threads", type=int, default=int(env_default("io_threads", 4)),
                         help="device I/O threads for flash tiers (default 4)")
     args = parser.parse_args(argv)
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             controller=None if args.controller.lower() == "none" else args.controller,
             heartbeat=parse_duration(args.heartbeat), directory=args.dir,
             allow_buffered=args.allow_buffered, io_threads=args.io_threads,
-            resident_slack=parse_size(args.resident_slack))
+            resident_slack=parse_size(args.resident_slack),
+            write_buffer=parse_size(args.write_buffer))
     except ValueError as exc:
         parser.error(str(exc))
     return run_server(server)

@@ -97,7 +97,8 @@ class StorageServer(Server):
                  capacity: int = 1 << 30, block_size: int = 4096,
                  controller: Optional[str] = None, heartbeat: float = 1.0,
                  directory: Optional[str] = None, allow_buffered: bool = False,
-                 io_threads: int = 4, resident_slack: int = 64 << 20) -> None:
+                 io_threads: int = 4, resident_slack: int = 64 << 20,
+                 write_buffer: int = FLASH_INFLIGHT_LIMIT) -> None:
         if tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
         if block_size < 512 or block_size & (block_size - 1):
@@ -129,6 +130,7 @@ class StorageServer(Server):
         self._meter = UsageMeter()
         self._dev_meter = UsageMeter()
         self.flash_inflight = 0
+        self.write_buffer = write_buffer
         self._paused: set[ServerConnection] = set()
         self.handlers.update({
             Op.EXT_ALLOC: self.handle_alloc,
@@ -204,11 +206,6 @@ class StorageServer(Server):
             except Exception:
                 return None  # received into a scratch buffer; the handler reports why
             # Flash: receive into a page-aligned buffer that goes to the device as is.
-            self.flash_inflight += size
-            conn.receiving = size
-            if self.flash_inflight > FLASH_INFLIGHT_LIMIT and conn.transport is not None:
-                conn.transport.pause_reading()
-                self._paused.add(conn)
             return memoryview(aligned_buffer(size))[:size]
         if size > 0:
             raise InvalidRequest("only EXT_WRITE carries a payload")
@@ -219,13 +216,19 @@ class StorageServer(Server):
         return {"ext": self.alloc(str(h["job"]), h["size"])}
 
     def handle_write(self, conn: ServerConnection, frame: Frame):
-        conn.receiving = 0
         if not frame.sunk:
             start = self._extent_offset(frame.header, len(frame.payload))  # raises the reason
             if self.flash and start % ALIGN:
                 raise InvalidRequest(f"flash writes must start at a multiple of {ALIGN} bytes")
             raise InvalidRequest("write was not received into its extent")
         if self.flash:
+            # Count only whole frames waiting for the device, and pause a
+            # connection between frames: every counted write completes, so
+            # the count always falls and paused connections always resume.
+            self.flash_inflight += len(frame.payload)
+            if self.flash_inflight > self.write_buffer and conn.transport is not None:
+                conn.transport.pause_reading()
+                self._paused.add(conn)
             return self._write_flash(frame)
         return None
 
@@ -237,16 +240,13 @@ class StorageServer(Server):
             await self.device.write(start, frame.payload)
         finally:
             self.flash_inflight -= size
-            if self._paused and self.flash_inflight <= FLASH_INFLIGHT_LIMIT:
+            if self._paused and self.flash_inflight <= self.write_buffer:
                 for conn in self._paused:
                     if conn.transport is not None and not conn.transport.is_closing():
                         conn.transport.resume_reading()
                 self._paused.clear()
 
     def connection_closed(self, conn: ServerConnection) -> None:
-        # A flash payload cut off mid-way never reaches handle_write: give back its share.
-        self.flash_inflight -= conn.receiving
-        conn.receiving = 0
         self._paused.discard(conn)
 
     def handle_read(self, conn: ServerConnection, frame: Frame):
