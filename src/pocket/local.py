@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,8 @@ class LocalCluster:
         self.metadata_count = metadata
         self.capacity = parse_size(capacity) if capacity is not None else default_capacity(dram)
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="pocket-logs-")
+        #: A log directory we made ourselves is removed at stop() unless kept.
+        self.keep_logs = bool(log_dir) or bool(os.environ.get("POCKET_KEEP_LOGS"))
         self.log_level = log_level
         self.inherit_logs = inherit_logs
         self.metadata_args = tuple(metadata_args)
@@ -265,6 +268,8 @@ class LocalCluster:
         for p in sorted(self.processes, key=lambda p: order.get(p.role, 3)):
             self.stop_process(p, grace)
         self.processes = []
+        if not self.keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def describe(self) -> str:
         lines = [f"controller {self.address}"]

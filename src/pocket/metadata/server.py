@@ -245,9 +245,15 @@ class MetadataServer(Server):
                 except LookupError:
                     raise CapacityExceeded(
                         f"no storage server of job {job.job_id} has room for {size} bytes") from None
-                results = await asyncio.gather(
-                    *(self._alloc_on(job, node, nbytes) for node, nbytes in todo),
-                    return_exceptions=True)
+                if len(todo) == 1:  # the common case: no gather, no extra task
+                    try:
+                        results = [await self._alloc_on(job, *todo[0])]
+                    except (CapacityExceeded, Unavailable) as exc:
+                        results = [exc]
+                else:
+                    results = await asyncio.gather(
+                        *(self._alloc_on(job, node, nbytes) for node, nbytes in todo),
+                        return_exceptions=True)
                 retry = []
                 for (node, nbytes), result in zip(todo, results):
                     if isinstance(result, BaseException):
@@ -321,6 +327,9 @@ class MetadataServer(Server):
         obj = job.objects.get(name)
         if obj is None:
             raise NotFound(f"no object {name!r}")
+        limit = h.get("max")
+        if limit is not None and obj.size > limit:  # checked before delete_after_read
+            raise InvalidRequest(f"object {name!r} has {obj.size} bytes; the buffer holds {limit}")
         if h.get("dar"):
             del job.objects[name]
             obj.dead = True
