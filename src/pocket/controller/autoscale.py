@@ -1,0 +1,313 @@
+"""Autoscaling decisions: observed utilisation in, node additions and drains out.
+
+Pure code over plain data (no sockets, no clock): the controller's monitor
+loop (``ControllerServer._autoscale_tick``) builds a
+:class:`ClusterObservation` from heartbeats and the allocation ledger every
+``--autoscale-interval`` and applies what :func:`decide_scaling` returns.
+
+Per tier, five resources are kept inside a target band (default 60–80%,
+configurable per resource and per tier):
+
+========== ===========================================================
+resource   utilisation of the tier's active nodes
+========== ===========================================================
+cpu        CPU share reported by heartbeats ÷ one core per node
+net        network bytes/s in + out ÷ the nodes' rated throughput
+bytes      bytes stored ÷ capacity
+throughput throughput allocated to jobs ÷ the nodes' rated throughput
+capacity   capacity allocated to jobs ÷ capacity
+========== ===========================================================
+
+* **Scale out** when any resource is above its band: enough nodes to bring
+  the worst one back to the middle of its band (draining nodes of the tier
+  are taken back first, they are free), never beyond ``max_nodes`` or what
+  the provider can start, not while nodes of the tier are still starting, and
+  not within ``cooldown_out`` of the last scale-out (measured load lags one
+  heartbeat behind a new node).
+* **Scale in** when every resource has been below its band for
+  ``scale_in_delay`` and nothing changed in the tier for ``cooldown_in``:
+  drain the nodes the provider can remove that carry no job allocation,
+  emptiest first, as long as the remaining nodes would stay at or below the
+  *top* of every band under the *peak* demand seen while below.  That
+  hysteresis (out above the top, in only if the peak would still fit under
+  the top) is what stops flapping on oscillating load.
+* **Remove** a draining node once it has reported zero bytes stored for
+  ``drain_settle`` seconds (so a write placed just before the drain took
+  effect shows up first).  A node holding data is never removed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+RESOURCES = ("cpu", "net", "bytes", "throughput", "capacity")
+
+
+@dataclass(frozen=True)
+class Band:
+    """Target utilisation range of one resource, as fractions (0.6, 0.8)."""
+
+    low: float = 0.6
+    high: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low < self.high:
+            raise ValueError(f"a band needs 0 <= low < high, not {self.low}-{self.high}")
+
+    @property
+    def middle(self) -> float:
+        return (self.low + self.high) / 2
+
+
+@dataclass(frozen=True)
+class ScalingPolicy:
+    """Bands, node limits and timing of autoscaling (seconds)."""
+
+    #: resource → band, or ``"tier:resource"`` → band for one tier.
+    bands: Mapping[str, Band] = field(default_factory=dict)
+    default_band: Band = Band()
+    #: tier → fewest active nodes kept (a tier below it is scaled out).
+    min_nodes: Mapping[str, int] = field(default_factory=dict)
+    #: tier → most nodes (active, draining and starting); missing = no limit but the provider's.
+    max_nodes: Mapping[str, int] = field(default_factory=dict)
+    cooldown_out: float = 2.0
+    cooldown_in: float = 3.0
+    scale_in_delay: float = 2.0
+    drain_settle: float = 1.0
+
+    def band(self, tier: str, resource: str) -> Band:
+        return self.bands.get(f"{tier}:{resource}") or self.bands.get(resource) or \
+            self.default_band
+
+    def describe(self) -> dict:
+        return {"bands": {k: [b.low, b.high] for k, b in self.bands.items()},
+                "default_band": [self.default_band.low, self.default_band.high],
+                "min_nodes": dict(self.min_nodes), "max_nodes": dict(self.max_nodes),
+                "cooldown_out": self.cooldown_out, "cooldown_in": self.cooldown_in,
+                "scale_in_delay": self.scale_in_delay, "drain_settle": self.drain_settle}
+
+
+def parse_band(text: str) -> tuple[str, Band]:
+    """``"bytes=50-70"`` or ``"dram:cpu=0.5-0.9"`` → (key, Band); percentages or fractions."""
+    key, _, rng = text.partition("=")
+    key = key.strip().lower()
+    resource = key.rpartition(":")[2]
+    if resource not in RESOURCES:
+        raise ValueError(f"unknown resource {resource!r} in band {text!r} "
+                         f"(one of {', '.join(RESOURCES)})")
+    lo, sep, hi = rng.partition("-")
+    if not sep:
+        raise ValueError(f"a band is RESOURCE=LOW-HIGH, e.g. bytes=60-80, not {text!r}")
+    low, high = (float(v.strip().rstrip("%")) for v in (lo, hi))
+    if high > 1.0:  # percentages
+        low, high = low / 100, high / 100
+    return key, Band(low, high)
+
+
+def parse_tier_nodes(text: str) -> tuple[str, int, Optional[int]]:
+    """``"dram=1:8"`` (min:max), ``"dram=2"`` (min) or ``"dram=:8"`` (max) → (tier, min, max)."""
+    tier, sep, rng = text.partition("=")
+    if not sep:
+        raise ValueError(f"expected TIER=MIN:MAX, not {text!r}")
+    lo, _, hi = rng.partition(":")
+    low = int(lo) if lo.strip() else 0
+    high = int(hi) if hi.strip() else None
+    if low < 0 or (high is not None and high < low):
+        raise ValueError(f"bad node limits {text!r}")
+    return tier.strip().lower(), low, high
+
+
+@dataclass(frozen=True)
+class NodeObservation:
+    """One storage node as the autoscaler sees it (from heartbeats and the ledger)."""
+
+    id: str
+    tier: str
+    capacity: int
+    throughput: float
+    used: int = 0
+    cpu: float = 0.0
+    net: float = 0.0
+    allocated_throughput: int = 0
+    allocated_capacity: int = 0
+    #: ``active`` or ``draining`` (``removing`` nodes are left out by the caller).
+    state: str = "active"
+    #: The node provider started it and can stop it.
+    removable: bool = False
+    #: Seconds it has reported zero bytes stored since its drain took effect (0 if not).
+    empty_for: float = 0.0
+
+
+@dataclass
+class TierHistory:
+    """What the loop remembers per tier between observations (monotonic seconds)."""
+
+    last_out: float = -math.inf
+    last_in: float = -math.inf
+    below_since: Optional[float] = None
+    #: Highest demand per resource since ``below_since``: scale-in projects this, not the
+    #: last sample, so load that swings inside the below-band period cannot cause a flap.
+    peak: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterObservation:
+    """Everything :func:`decide_scaling` looks at."""
+
+    now: float
+    nodes: tuple[NodeObservation, ...]
+    #: tier → nodes a provider is starting for the autoscaler (not registered yet).
+    starting: Mapping[str, int] = field(default_factory=dict)
+    #: tier → how many more nodes the provider could start now.
+    can_add: Mapping[str, int] = field(default_factory=dict)
+    history: Mapping[str, TierHistory] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One thing to do: ``add`` ``count`` nodes to ``tier``, or ``drain``/``undrain``/``remove``
+    ``node``; ``reason`` and ``utilisation`` (resource → fraction) explain it."""
+
+    action: str
+    tier: str
+    reason: str
+    utilisation: Mapping[str, float]
+    count: int = 1
+    node: Optional[str] = None
+
+
+def tier_utilisation(nodes: list[NodeObservation]) -> dict[str, float]:
+    """Utilisation of each resource over ``nodes`` (demand ÷ supply; 0 without nodes)."""
+    load, supply = tier_load(nodes)
+    return {r: (load[r] / supply[r] if supply[r] > 0 else 0.0) for r in RESOURCES}
+
+
+def tier_load(nodes: list[NodeObservation]) -> tuple[dict[str, float], dict[str, float]]:
+    """(demand, supply) per resource over ``nodes``."""
+    load = {"cpu": sum(n.cpu for n in nodes), "net": sum(n.net for n in nodes),
+            "bytes": float(sum(n.used for n in nodes)),
+            "throughput": float(sum(n.allocated_throughput for n in nodes)),
+            "capacity": float(sum(n.allocated_capacity for n in nodes))}
+    return load, node_supply(nodes)
+
+
+def node_supply(nodes: list[NodeObservation]) -> dict[str, float]:
+    cap = float(sum(n.capacity for n in nodes))
+    rate = float(sum(n.throughput for n in nodes))
+    return {"cpu": float(len(nodes)), "net": rate, "bytes": cap, "throughput": rate,
+            "capacity": cap}
+
+
+def _percent(util: Mapping[str, float], keys) -> str:
+    return ", ".join(f"{k} {util[k] * 100:.0f}%" for k in keys)
+
+
+def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[Decision]:
+    """What to do now, per tier: add nodes, drain or take back nodes, remove drained nodes.
+
+    Tiers are those with nodes, starting nodes or a ``min_nodes`` entry.  The
+    caller records applied ``add``/``undrain`` decisions in
+    ``history[tier].last_out`` and ``drain`` in ``last_in``, and keeps
+    ``below_since`` (see :func:`update_history`).
+    """
+    decisions: list[Decision] = []
+    tiers = sorted({n.tier for n in observed.nodes} | set(observed.starting) |
+                   {t for t, m in policy.min_nodes.items() if m > 0})
+    now = observed.now
+    for tier in tiers:
+        nodes = [n for n in observed.nodes if n.tier == tier]
+        active = [n for n in nodes if n.state == "active"]
+        draining = [n for n in nodes if n.state == "draining"]
+        hist = observed.history.get(tier) or TierHistory()
+        starting = observed.starting.get(tier, 0)
+        util = tier_utilisation(active)
+        bands = {r: policy.band(tier, r) for r in RESOURCES}
+
+        # Drained nodes that hold nothing leave, whatever else happens.
+        for n in draining:
+            if n.used == 0 and n.empty_for >= policy.drain_settle:
+                decisions.append(Decision("remove", tier, "drained and empty", util, node=n.id))
+
+        n_active = len(active)
+        limit = policy.max_nodes.get(tier)
+        room = (limit - n_active - starting - len(draining)) if limit is not None else 1 << 30
+        room = max(0, min(room, observed.can_add.get(tier, 0)))
+        minimum = policy.min_nodes.get(tier, 0)
+
+        above = [r for r in RESOURCES if util[r] > bands[r].high] if active else []
+        if n_active + starting < minimum:
+            want = minimum - n_active - starting
+            reason = f"{n_active} active nodes, below the minimum of {minimum}"
+        elif above and starting == 0 and now - hist.last_out >= policy.cooldown_out:
+            load, supply = tier_load(active)
+            want = 1
+            for r in above:  # nodes that bring the worst resource back to its band's middle
+                per_node = supply[r] / n_active
+                want = max(want, math.ceil(load[r] / (bands[r].middle * per_node)) - n_active)
+            reason = f"above band: {_percent(util, above)}"
+        else:
+            want = 0
+        if want > 0:
+            back = sorted(draining, key=lambda n: (-n.used, n.id))[:want]
+            for n in back:  # a draining node is free to take back
+                decisions.append(Decision("undrain", tier, reason, util, node=n.id))
+            want -= len(back)
+            if want > 0 and room > 0:
+                decisions.append(Decision("add", tier, reason, util, count=min(want, room)))
+            continue
+
+        # Scale in: everything below its band, long enough, and nothing changed lately.
+        if not active or any(util[r] >= bands[r].low for r in RESOURCES):
+            continue
+        if hist.below_since is None or now - hist.below_since < policy.scale_in_delay:
+            continue
+        if now - max(hist.last_out, hist.last_in) < policy.cooldown_in or starting:
+            continue
+        load, _ = tier_load(active)
+        load = {r: max(v, hist.peak.get(r, 0.0)) for r, v in load.items()}
+        remaining = list(active)
+        candidates = sorted((n for n in active if n.removable and n.allocated_capacity == 0
+                             and n.allocated_throughput == 0),
+                            key=lambda n: (n.used, n.cpu, n.id))
+        for n in candidates:
+            if len(remaining) - 1 < max(minimum, 1):
+                break
+            rest = [m for m in remaining if m is not n]
+            supply = node_supply(rest)
+            # Hysteresis: only if what stays would not be pushed above any band's top.
+            if any(supply[r] <= 0 or load[r] / supply[r] > bands[r].high for r in RESOURCES):
+                break
+            remaining = rest
+            decisions.append(Decision("drain", tier,
+                                      f"below band: {_percent(util, RESOURCES)}", util, node=n.id))
+    return decisions
+
+
+def update_history(history: dict[str, TierHistory], observed: ClusterObservation,
+                   policy: ScalingPolicy, decisions: list[Decision]) -> None:
+    """Record ``decisions`` (applied at ``observed.now``) and whether each tier is below band."""
+    now = observed.now
+    for tier in {n.tier for n in observed.nodes} | {d.tier for d in decisions}:
+        hist = history.setdefault(tier, TierHistory())
+        active = [n for n in observed.nodes if n.tier == tier and n.state == "active"]
+        load, supply = tier_load(active)
+        below = bool(active) and all(load[r] < policy.band(tier, r).low * supply[r]
+                                     for r in RESOURCES)
+        if not below:
+            hist.below_since = None
+            hist.peak = {}
+        else:
+            if hist.below_since is None:
+                hist.below_since = now
+            hist.peak = {r: max(v, hist.peak.get(r, 0.0)) for r, v in load.items()}
+        for d in decisions:
+            if d.tier != tier:
+                continue
+            if d.action in ("add", "undrain"):
+                hist.last_out = now
+                hist.below_since = None
+                hist.peak = {}
+            elif d.action == "drain":
+                hist.last_in = now

@@ -1,0 +1,186 @@
+"""Autoscaling decisions, row by row, without servers (``controller/autoscale.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pocket.controller.autoscale import (Band, ClusterObservation, NodeObservation,
+                                         ScalingPolicy, TierHistory, decide_scaling, parse_band,
+                                         parse_tier_nodes, tier_utilisation, update_history)
+
+MiB = 1 << 20
+RATE = 100e6  # bytes/s per node
+
+
+def node(i: int, used: float = 0.0, *, cpu: float = 0.0, net: float = 0.0, alloc: float = 0.0,
+         state: str = "active", removable: bool = True, empty_for: float = 0.0,
+         tier: str = "dram") -> NodeObservation:
+    """A 100 MiB, 100 MB/s node; ``used`` and ``alloc`` are fractions of it."""
+    return NodeObservation(f"{tier}-{i}", tier, 100 * MiB, RATE, used=int(used * 100 * MiB),
+                           cpu=cpu, net=net * RATE, allocated_throughput=int(alloc * RATE),
+                           allocated_capacity=int(alloc * 100 * MiB), state=state,
+                           removable=removable, empty_for=empty_for)
+
+
+def observe(nodes, now: float = 100.0, *, can_add: int = 8, starting: int = 0,
+            history=None) -> ClusterObservation:
+    return ClusterObservation(now, tuple(nodes), {"dram": starting} if starting else {},
+                              {"dram": can_add}, history or {})
+
+
+LONG_BELOW = {"dram": TierHistory(below_since=0.0)}  # below band since long ago
+POLICY = ScalingPolicy(min_nodes={"dram": 1})
+
+
+def actions(decisions) -> list[tuple]:
+    return [(d.action, d.count if d.action == "add" else d.node) for d in decisions]
+
+
+def test_utilisation_per_resource() -> None:
+    util = tier_utilisation([node(0, 0.5, cpu=0.2, net=0.4, alloc=0.1), node(1, 0.3, cpu=0.4)])
+    assert util["bytes"] == pytest.approx(0.4) and util["cpu"] == pytest.approx(0.3)
+    assert util["net"] == pytest.approx(0.2) and util["capacity"] == pytest.approx(0.05, rel=1e-3)
+
+
+@pytest.mark.parametrize("resource", ["bytes", "cpu", "net", "throughput", "capacity"])
+def test_scale_out_above_band_on_each_resource(resource) -> None:
+    kw = {"bytes": {"used": 0.9}, "cpu": {"cpu": 0.9}, "net": {"net": 0.9},
+          "throughput": {"alloc": 0.9}, "capacity": {"alloc": 0.9}}[resource]
+    d = decide_scaling(observe([node(0, **kw), node(1, **kw)]), POLICY)
+    assert [x.action for x in d] == ["add"]
+    assert resource in d[0].reason and d[0].utilisation[resource] == pytest.approx(0.9, abs=0.01)
+
+
+def test_scale_out_count_brings_worst_resource_to_band_middle() -> None:
+    # 2 nodes at 150% bytes = 3 node-loads; at 70% per node that needs ceil(3/0.7) = 5 nodes
+    d = decide_scaling(observe([node(0, 1.5), node(1, 1.5)]), POLICY)
+    assert actions(d) == [("add", 3)]
+
+
+def test_within_band_nothing() -> None:
+    assert decide_scaling(observe([node(0, 0.7), node(1, 0.65, cpu=0.75)],
+                                  history=LONG_BELOW), POLICY) == []
+
+
+def test_scale_in_below_band_drains_removable_empty_node_first() -> None:
+    nodes = [node(0, 0.2, removable=False), node(1, 0.1), node(2, 0.0), node(3, 0.05)]
+    d = decide_scaling(observe(nodes, history=LONG_BELOW), POLICY)
+    # total bytes 0.35 node: the fixed node stays; the rest drain emptiest first
+    assert actions(d) == [("drain", "dram-2"), ("drain", "dram-3"), ("drain", "dram-1")]
+    assert all("below band" in x.reason for x in d)
+
+
+def test_scale_in_keeps_minimum_and_never_the_last_node() -> None:
+    nodes = [node(i) for i in range(4)]
+    d = decide_scaling(observe(nodes, history=LONG_BELOW), ScalingPolicy(min_nodes={"dram": 3}))
+    assert len(d) == 1
+    assert decide_scaling(observe([node(0)], history=LONG_BELOW), ScalingPolicy()) == []
+
+
+def test_scale_in_hysteresis_stops_at_band_top() -> None:
+    # 3 nodes at 50% = 1.5 node-loads: dropping one leaves 75% (ok), dropping two 150% (no)
+    d = decide_scaling(observe([node(i, 0.5) for i in range(3)], history=LONG_BELOW),
+                       ScalingPolicy(bands={"bytes": Band(0.6, 0.8)}))
+    assert [x.action for x in d] == ["drain"]
+
+
+def test_nodes_with_allocation_or_not_removable_are_not_drained() -> None:
+    nodes = [node(0, removable=False), node(1, alloc=0.01), node(2, removable=False)]
+    assert decide_scaling(observe(nodes, history=LONG_BELOW), POLICY) == []
+
+
+def test_max_nodes_and_provider_room_respected() -> None:
+    hot = [node(0, 1.5), node(1, 1.5)]
+    d = decide_scaling(observe(hot), ScalingPolicy(max_nodes={"dram": 3}))
+    assert actions(d) == [("add", 1)]
+    assert decide_scaling(observe(hot), ScalingPolicy(max_nodes={"dram": 2})) == []
+    assert actions(decide_scaling(observe(hot, can_add=2), POLICY)) == [("add", 2)]
+    assert decide_scaling(observe(hot, can_add=0), POLICY) == []
+
+
+def test_minimum_is_filled() -> None:
+    d = decide_scaling(observe([]), ScalingPolicy(min_nodes={"dram": 2}))
+    assert actions(d) == [("add", 2)] and "minimum" in d[0].reason
+
+
+def test_no_scale_out_while_nodes_start_or_within_cooldown() -> None:
+    hot = [node(0, 0.95)]
+    assert decide_scaling(observe(hot, starting=1), POLICY) == []
+    recent = {"dram": TierHistory(last_out=99.0)}
+    assert decide_scaling(observe(hot, now=100.0, history=recent), POLICY) == []
+    assert decide_scaling(observe(hot, now=101.5, history=recent), POLICY)
+
+
+def test_scale_in_waits_for_delay_and_cooldown() -> None:
+    cold = [node(0), node(1)]
+    assert decide_scaling(observe(cold, history={"dram": TierHistory(below_since=99.0)}),
+                          POLICY) == []
+    assert decide_scaling(observe(cold, history={"dram": TierHistory(
+        below_since=0.0, last_out=98.0)}), POLICY) == []
+    assert decide_scaling(observe(cold, history={"dram": TierHistory(below_since=0.0)}), POLICY)
+
+
+def test_draining_node_taken_back_before_adding() -> None:
+    nodes = [node(0, 0.95), node(1, 0.5, state="draining")]
+    assert actions(decide_scaling(observe(nodes), POLICY)) == [("undrain", "dram-1")]
+
+
+def test_drained_node_removed_only_when_empty_for_a_while() -> None:
+    base = [node(0, 0.7)]
+    assert decide_scaling(observe(base + [node(1, 0.01, state="draining", empty_for=9)]),
+                          POLICY) == []
+    assert decide_scaling(observe(base + [node(1, state="draining", empty_for=0.5)]),
+                          POLICY) == []
+    d = decide_scaling(observe(base + [node(1, state="draining", empty_for=1.0)]), POLICY)
+    assert actions(d) == [("remove", "dram-1")]
+
+
+def test_band_per_tier_and_resource() -> None:
+    policy = ScalingPolicy(bands={"dram:bytes": Band(0.2, 0.3), "cpu": Band(0.1, 0.5)})
+    assert policy.band("dram", "bytes") == Band(0.2, 0.3)
+    assert policy.band("nvme", "bytes") == Band(0.6, 0.8)
+    assert policy.band("nvme", "cpu") == Band(0.1, 0.5)
+    assert [x.action for x in decide_scaling(observe([node(0, 0.4)]), policy)] == ["add"]
+
+
+def test_parse_flags() -> None:
+    assert parse_band("bytes=50-70") == ("bytes", Band(0.5, 0.7))
+    assert parse_band("nvme:cpu=0.4-0.9") == ("nvme:cpu", Band(0.4, 0.9))
+    assert parse_tier_nodes("dram=1:8") == ("dram", 1, 8)
+    assert parse_tier_nodes("nvme=:4") == ("nvme", 0, 4)
+    for bad in ("disk=1-2", "bytes=80-60", "bytes=70"):
+        with pytest.raises(ValueError):
+            parse_band(bad)
+
+
+def run(trace, policy=POLICY, interval=1.0):
+    """Feed a per-tick bytes-utilisation trace to decide/update like the monitor loop does,
+    with nodes appearing at once on add and leaving at once on drain; returns node counts."""
+    history: dict = {}
+    count, counts, changes = 2, [], 0
+    for tick, util in enumerate(trace):
+        nodes = [node(i, util * 2 / count) for i in range(count)]  # 2 node-loads × util
+        obs = observe(nodes, now=tick * interval, history=history)
+        d = decide_scaling(obs, policy)
+        update_history(history, obs, policy, d)
+        before = count
+        for x in d:
+            count += x.count if x.action == "add" else -1 if x.action == "drain" else 0
+        changes += count != before
+        counts.append(count)
+    return counts, changes
+
+
+def test_no_flapping_on_oscillating_load() -> None:
+    # load swings between 85% and 55% of two nodes every second for a minute
+    counts, changes = run([0.85 if t % 2 else 0.55 for t in range(60)])
+    assert changes <= 1  # one scale-out, then the band holds
+    assert counts[-1] == 3
+
+
+def test_follows_a_burst_and_returns_to_minimum() -> None:
+    trace = [0.3] * 5 + [2.0] * 10 + [0.05] * 10
+    counts, changes = run(trace)
+    assert max(counts) >= 5
+    assert counts[-1] == 1  # back to the minimum
+    assert changes == 3  # in (idle), out (burst), in (after it)
