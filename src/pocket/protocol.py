@@ -46,6 +46,9 @@ FLAG_REPLY = 0x01
 FLAG_ERROR = 0x02
 FLAG_NO_REPLY = 0x04
 
+#: How much a reader asks for while waiting for the next frame's header.
+IDLE_WINDOW = 64 * 1024
+
 #: Payloads up to this size are joined with their prefix into one buffer on
 #: send; larger ones go as a separate memoryview (no copy).
 JOIN_LIMIT = 16 * 1024
@@ -222,6 +225,10 @@ class FrameReader:
             return self._dst[self._filled:]
         if self._end == len(self._buf):
             self._compact()
+        if self._cur is None and self._end - self._start < FIXED_SIZE:
+            # Between frames: read a bounded window, so that the start of a
+            # large payload is not read here only to be copied to its sink.
+            return self._view[self._end:self._end + IDLE_WINDOW]
         return self._view[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:

@@ -37,6 +37,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.reader = FrameReader(server.limits, sink=self._sink)
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
+        #: Reply parts collected while a batch of pipelined requests is dispatched.
+        self._batch: Optional[list] = None
 
     def _sink(self, opcode: int, flags: int, rid: int, header: dict, size: int):
         return self.server.sink(self, opcode, flags, rid, header, size)
@@ -65,8 +67,22 @@ class ServerConnection(asyncio.BufferedProtocol):
         except Exception as exc:  # ProtocolError, or a sink refusing the frame
             self._protocol_failure(exc)
             return
-        while reader._frames:
-            server.dispatch(self, reader._frames.popleft())
+        frames = reader._frames
+        if not frames:
+            return
+        if len(frames) == 1:
+            server.dispatch(self, frames.popleft())
+            return
+        # Several requests arrived together (a pipelining client): answer them
+        # with one write instead of one syscall per reply.
+        self._batch = batch = []
+        try:
+            while frames:
+                server.dispatch(self, frames.popleft())
+        finally:
+            self._batch = None
+        if batch:
+            self.send(batch)
 
     def eof_received(self) -> bool:
         return False
@@ -83,6 +99,9 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     # -- replies -------------------------------------------------------------
     def send(self, parts: list) -> None:
+        if self._batch is not None:
+            self._batch.extend(parts)
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
