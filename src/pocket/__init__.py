@@ -11,13 +11,13 @@ The asyncio client is :mod:`pocket.aio`.
 """
 
 from .client import Cluster, Job, ObjectInfo, attach, connect
-from .errors import (AccessDenied, CapacityExceeded, InvalidRequest, NotFound, PocketError,
-                     ProtocolError, Unavailable)
+from .errors import (AccessDenied, CapacityExceeded, IntegrityError, InvalidRequest, NotFound,
+                     PocketError, ProtocolError, Unavailable)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccessDenied", "CapacityExceeded", "Cluster", "InvalidRequest", "Job", "NotFound",
+    "AccessDenied", "CapacityExceeded", "Cluster", "IntegrityError", "InvalidRequest", "Job", "NotFound",
     "ObjectInfo", "PocketError", "ProtocolError", "Unavailable", "attach", "connect",
 ]
 

@@ -17,7 +17,7 @@ import os
 from typing import Any, Optional
 
 from .client import (ObjectInfo, byte_view, default_controller, extent_plan, info_from_header,
-                     job_hints, writable_view)
+                     job_hints, job_options, piece_checksums, verify_pieces, writable_view)
 from .connection import DEFAULT_TIMEOUT, AsyncConnection
 from .errors import InvalidRequest, NotFound, PocketError, ProtocolError
 from .protocol import Buffer, Frame, Op
@@ -94,25 +94,32 @@ class AsyncJob:
             return
         reply = await self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist)})
         put_id = reply.header["put"]
+        plan = extent_plan(reply.header["ext"])
+        commit: dict = {"put": put_id}
         try:
+            if reply.header.get("sum"):
+                commit["crc"] = piece_checksums(view, plan)
             await asyncio.gather(*(
-                self._conns.request(address, Op.EXT_WRITE, {"ext": ext, "off": 0},
+                self._conns.request(address, Op.EXT_WRITE, {"ext": ext, "off": 0, "cap": cap},
                                     view[offset:offset + length])
-                for address, ext, offset, length in extent_plan(reply.header["ext"])))
+                for address, ext, offset, length, cap, _ in plan))
         except BaseException:
             await self._conns.send_no_reply(self.metadata, Op.PUT_ABORT,
                                             {**self._auth, "put": put_id})
             raise
-        await self._md(Op.PUT_COMMIT, {"put": put_id})
+        await self._md(Op.PUT_COMMIT, commit)
 
     async def _read_extents(self, h: dict, dest: memoryview) -> None:
         try:
+            plan = extent_plan(h["ext"])
             frames = await asyncio.gather(*(
-                self._conns.request(address, Op.EXT_READ, {"ext": ext, "off": 0, "len": length},
+                self._conns.request(address, Op.EXT_READ,
+                                    {"ext": ext, "off": 0, "len": length, "cap": cap},
                                     into=dest[offset:offset + length])
-                for address, ext, offset, length in extent_plan(h["ext"])))
+                for address, ext, offset, length, cap, _ in plan))
             if not all(frame.sunk for frame in frames):
                 raise ProtocolError("a storage server answered a read with the wrong size")
+            verify_pieces(dest, plan)
         finally:
             await self._conns.send_no_reply(self.metadata, Op.RELEASE,
                                             {**self._auth, "lease": h["lease"]})
@@ -217,10 +224,13 @@ class AsyncCluster:
     async def register_job(self, name: str, *, lambdas: Optional[int] = None,
                            capacity: int | str | None = None, throughput: int | str | None = None,
                            latency_sensitive: Optional[bool] = None,
-                           tier: Optional[str] = None) -> AsyncJob:
-        """Register a job; every hint is optional."""
+                           tier: Optional[str] = None, checksums: Optional[bool] = None,
+                           lease: float | str | None = None) -> AsyncJob:
+        """Register a job; every hint is optional (``checksums`` and ``lease`` as in
+        :meth:`pocket.Cluster.register_job`; the job's requests renew its lease)."""
         header: dict = {"name": name,
-                        "hints": job_hints(lambdas, capacity, throughput, latency_sensitive)}
+                        "hints": job_hints(lambdas, capacity, throughput, latency_sensitive),
+                        **job_options(checksums, lease)}
         if tier is not None:
             header["tier"] = tier
         reply = await self._conns.request(self.address, Op.JOB_REGISTER, header)

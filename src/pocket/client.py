@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 from .connection import DEFAULT_TIMEOUT, BlockingConnection, ConnectionPool
 from .errors import InvalidRequest, NotFound, PocketError, ProtocolError, Unavailable
 from .protocol import Buffer, Frame, Op
+from .security import checksum, verify_checksum
 
 DEFAULT_CONTROLLER = "127.0.0.1:7070"
 
@@ -71,13 +72,38 @@ def info_from_header(name: str, h: dict) -> ObjectInfo:
                       tuple(h.get("servers", ())))
 
 
-def extent_plan(extents: Sequence) -> list[tuple[str, int, int, int]]:
-    """``[(address, extent id, offset in object, length)]`` from a metadata reply."""
+def extent_plan(extents: Sequence) -> list[tuple]:
+    """``[(address, extent id, offset in object, length, capability, checksum or None)]`` from
+    a metadata reply (``[address, extent id, length, capability(, checksum)]`` each)."""
     plan, offset = [], 0
-    for address, ext_id, length in extents:
-        plan.append((address, ext_id, offset, length))
+    for address, ext_id, length, cap, *crc in extents:
+        plan.append((address, ext_id, offset, length, cap, crc[0] if crc else None))
         offset += length
     return plan
+
+
+def piece_checksums(view: memoryview, plan: list) -> list[int]:
+    """The writer's checksum of each extent's piece of the object."""
+    return [checksum(view[offset:offset + length]) for _, _, offset, length, _, _ in plan]
+
+
+def verify_pieces(dest: memoryview, plan: list) -> None:
+    """Raise IntegrityError if any extent read into ``dest`` does not match its checksum."""
+    for address, ext_id, offset, length, _, crc in plan:
+        verify_checksum(dest[offset:offset + length], crc, f"extent {ext_id} on {address}")
+
+
+def job_options(checksums: Optional[bool], lease: Any) -> dict:
+    """Per-job settings beside the hints: DRAM checksums and the job's lease (seconds)."""
+    options: dict = {}
+    if checksums is not None:
+        options["checksums"] = bool(checksums)
+    if lease is not None:
+        from .units import parse_duration
+        options["lease"] = parse_duration(lease) if isinstance(lease, str) else float(lease)
+        if options["lease"] <= 0:
+            raise InvalidRequest("a job lease must be positive")
+    return options
 
 
 class Job:
@@ -102,7 +128,24 @@ class Job:
         self._auth = {"job": self.id, "tok": self.token}
         self._threads: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
+        self._renewing: Optional[threading.Event] = None
 
+    def _start_renewal(self, lease: Optional[float]) -> None:
+        """The driver's handle keeps the job's lease while it is open (a daemon thread that
+        sends JOB_RENEW every third of the lease); if the driver dies, renewals stop."""
+        stop = self._renewing = threading.Event()
+
+        def renew() -> None:
+            interval = (lease or 60.0) / 3
+            while True:
+                try:  # the reply says the lease the metadata server applies
+                    interval = self._md(Op.JOB_RENEW, {}).header.get("lease", 60.0) / 3
+                except PocketError:
+                    pass  # the job's lapse is the metadata server's call, not ours
+                if stop.wait(interval):
+                    return
+
+        threading.Thread(target=renew, name=f"pocket-renew-{self.id}", daemon=True).start()
     def __repr__(self) -> str:
         return f"<pocket.Job {self.id} tier={self.tier} metadata={self.metadata}>"
 
@@ -209,14 +252,18 @@ class Job:
             return
         reply = self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist)})
         put_id = reply.header["put"]
+        plan = extent_plan(reply.header["ext"])
+        commit: dict = {"put": put_id}
         try:
-            self._exchange([(address, Op.EXT_WRITE, {"ext": ext, "off": 0},
+            if reply.header.get("sum"):
+                commit["crc"] = piece_checksums(view, plan)
+            self._exchange([(address, Op.EXT_WRITE, {"ext": ext, "off": 0, "cap": cap},
                              view[offset:offset + length], None)
-                            for address, ext, offset, length in extent_plan(reply.header["ext"])])
+                            for address, ext, offset, length, cap, _ in plan])
         except BaseException:
             self._md_no_reply(Op.PUT_ABORT, {"put": put_id})
             raise
-        self._md(Op.PUT_COMMIT, {"put": put_id})
+        self._md(Op.PUT_COMMIT, commit)
 
     def _locate(self, name: str, delete_after_read: bool, limit: Optional[int] = None) -> Frame:
         fields = {"name": name, "dar": bool(delete_after_read)}
@@ -227,12 +274,15 @@ class Job:
     def _read_extents(self, h: dict, dest: memoryview) -> None:
         """Receive an object's extents into ``dest``, then release the read lease."""
         try:
-            frames = self._exchange([(address, Op.EXT_READ, {"ext": ext, "off": 0, "len": length},
+            plan = extent_plan(h["ext"])
+            frames = self._exchange([(address, Op.EXT_READ,
+                                      {"ext": ext, "off": 0, "len": length, "cap": cap},
                                       None, dest[offset:offset + length])
-                                     for address, ext, offset, length in extent_plan(h["ext"])])
+                                     for address, ext, offset, length, cap, _ in plan])
             for frame in frames:
                 if not frame.sunk:
                     raise ProtocolError("a storage server answered a read with the wrong size")
+            verify_pieces(dest, plan)
         finally:
             self._md_no_reply(Op.RELEASE, {"lease": h["lease"]})
 
@@ -331,12 +381,16 @@ class Job:
 
     def deregister(self) -> dict:
         """End the job: everything not persisted is freed. Returns what was freed."""
+        if self._renewing is not None:
+            self._renewing.set()
         with self._pool.connection(self.controller) as conn:
             reply = conn.request(Op.JOB_DEREGISTER, dict(self._auth))
         return reply.header
 
     def close(self) -> None:
-        """Close this handle's connections (does not deregister)."""
+        """Close this handle's connections (does not deregister; stops lease renewal)."""
+        if self._renewing is not None:
+            self._renewing.set()
         if self._threads is not None:
             self._threads.shutdown(wait=False)
             self._threads = None
@@ -368,14 +422,24 @@ class Cluster:
     def register_job(self, name: str, *, lambdas: Optional[int] = None,
                      capacity: int | str | None = None, throughput: int | str | None = None,
                      latency_sensitive: Optional[bool] = None,
-                     tier: Optional[str] = None) -> Job:
-        """Register a job; every hint is optional (ints or human units: ``"4GiB"``, ``"1GB/s"``)."""
+                     tier: Optional[str] = None, checksums: Optional[bool] = None,
+                     lease: float | str | None = None) -> Job:
+        """Register a job; every hint is optional (ints or human units: ``"4GiB"``, ``"1GB/s"``).
+
+        ``checksums=True`` checksums DRAM extents too (flash ones always are).
+        ``lease``: the job is reclaimed (as if deregistered; persisted objects
+        kept) once nobody has used it for this long (default: the metadata
+        server's ``--job-lease``, 60 s); this handle renews it while open.
+        """
         header: dict = {"name": name,
-                        "hints": job_hints(lambdas, capacity, throughput, latency_sensitive)}
+                        "hints": job_hints(lambdas, capacity, throughput, latency_sensitive),
+                        **job_options(checksums, lease)}
         if tier is not None:
             header["tier"] = tier
         reply = self._controller(Op.JOB_REGISTER, header)
-        return Job(self.address, reply.header, self._pool, owns_pool=False)
+        job = Job(self.address, reply.header, self._pool, owns_pool=False)
+        job._start_renewal(reply.header.get("lease"))
+        return job
 
     def attach(self, job_id: str, token: str) -> Job:
         """A handle on an existing job (as a lambda would get)."""

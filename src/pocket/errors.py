@@ -54,10 +54,16 @@ class ProtocolError(PocketError):
     code = 7
 
 
+class IntegrityError(PocketError):
+    """An extent's bytes do not match the checksum written with them; nothing is returned."""
+
+    code = 8
+
+
 _BY_CODE: dict[int, type[PocketError]] = {
     cls.code: cls
     for cls in (PocketError, NotFound, AccessDenied, CapacityExceeded,
-                InvalidRequest, Unavailable, ProtocolError)
+                InvalidRequest, Unavailable, ProtocolError, IntegrityError)
 }
 
 

@@ -10,11 +10,12 @@ import asyncio
 import logging
 import os
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .connection import AsyncConnection
 from .errors import NotFound, PocketError
 from .protocol import Op
+from .security import ClusterKey
 
 log = logging.getLogger("pocket.node")
 
@@ -43,8 +44,11 @@ class ControllerLink:
     """Registers a node with the controller and sends heartbeats every ``interval``."""
 
     def __init__(self, controller: str, registration: Callable[[], dict],
-                 heartbeat: Callable[[], dict], interval: float = 1.0) -> None:
+                 heartbeat: Callable[[], dict], interval: float = 1.0,
+                 server: Any = None) -> None:
         self.controller = controller
+        #: The server whose cluster key signs the registration or is set from the reply.
+        self.server = server
         self.registration = registration
         self.heartbeat = heartbeat
         self.interval = interval
@@ -67,7 +71,9 @@ class ControllerLink:
             try:
                 conn = await self._connection()
                 if self.node_id is None:
-                    reply = await conn.request(Op.NODE_REGISTER, self.registration(), timeout=10.0)
+                    reply = await conn.request(Op.NODE_REGISTER, self._signed_registration(),
+                                               timeout=10.0)
+                    self._take_key(reply.header)
                     self.node_id = reply.header["node"]
                     self.registered.set()
                     log.info("registered with controller %s as %s", self.controller, self.node_id)
@@ -90,6 +96,24 @@ class ControllerLink:
             except asyncio.CancelledError:
                 raise
             await asyncio.sleep(self.interval)
+
+    def _signed_registration(self) -> dict:
+        fields = self.registration()
+        key = getattr(self.server, "key", None)
+        if key is not None and not key.generated:  # prove we hold the configured secret
+            fields["auth"] = key.sign(Op.NODE_REGISTER, fields.get("role"), fields.get("addr"))
+        return fields
+
+    def _take_key(self, reply: dict) -> None:
+        """A loopback cluster's key comes with the registration reply (see pocket.security)."""
+        secret = reply.get("secret")
+        if self.server is None or not isinstance(secret, bytes):
+            return
+        key = self.server.key
+        if key is None or (key.generated and key.secret != secret):
+            self.server.key = ClusterKey(secret, generated=True)
+        elif not key.generated and key.secret != secret:
+            log.warning("the controller uses a different cluster secret than this server's")
 
     async def leave(self) -> None:
         """Tell the controller this node is going away (best effort)."""

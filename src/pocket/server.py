@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 from .errors import InvalidRequest, PocketError, ProtocolError
 from .protocol import (FLAG_NO_REPLY, FLAG_REPLY, DEFAULT_LIMITS, Frame, FrameReader, Limits,
                        Op, OP_NAMES, encode_error, encode_frame)
+from .security import ClusterKey, require_secret_for
 from .units import format_address, parse_address
 
 log = logging.getLogger("pocket.server")
@@ -159,6 +160,13 @@ class Server:
         self.started_at = time.monotonic()
         self._server: Optional[asyncio.base_events.Server] = None
         self._stopping = False
+        #: The cluster key: configured (``use_secret``), made by the controller, or
+        #: received from it at registration (loopback clusters); None until then.
+        self.key: Optional[ClusterKey] = None
+
+    def use_secret(self, secret: Optional[bytes]) -> None:
+        """Use a configured cluster secret (None: loopback only, key from the controller)."""
+        self.key = ClusterKey(secret) if secret is not None else None
 
     @property
     def address(self) -> str:
@@ -222,6 +230,8 @@ class Server:
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
+        configured = self.key.secret if self.key is not None and not self.key.generated else None
+        require_secret_for(self.host, configured, self.role)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ServerConnection(self), self.host, self.port, reuse_address=True)
@@ -263,8 +273,25 @@ def common_arguments(parser: argparse.ArgumentParser, default_listen: str) -> No
     parser.add_argument("--listen", default=env_default("listen", default_listen),
                         help=f"address to listen on, HOST:PORT; port 0 picks a free one "
                              f"(default {default_listen}, env POCKET_LISTEN)")
+    parser.add_argument("--secret-file", default=None,
+                        help="file holding the cluster secret shared by controller, metadata and "
+                             "storage servers (env POCKET_SECRET_FILE, or the secret itself in "
+                             "POCKET_SECRET); required to listen on a non-loopback address; "
+                             "without one, loopback servers get a key from the controller")
     parser.add_argument("--log-level", default=env_default("log_level", "INFO"),
                         help="DEBUG, INFO, WARNING or ERROR (default INFO, env POCKET_LOG_LEVEL)")
+
+
+def configure_secret(server: Server, secret_file: Optional[str]) -> None:
+    """Load the cluster secret (flag or environment) into ``server``; ValueError if it is
+    missing where one is required (a non-loopback listener) or unreadable."""
+    from .security import load_secret
+    try:
+        secret = load_secret(secret_file)
+    except OSError as exc:
+        raise ValueError(f"cannot read the cluster secret: {exc}") from None
+    server.use_secret(secret)
+    require_secret_for(server.host, secret, server.role)
 
 
 def run_server(server: Server, announce: Callable[[Server], str] | None = None) -> int:

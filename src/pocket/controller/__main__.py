@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from ..server import common_arguments, env_default, run_server, setup_logging, split_listen
+from ..server import (common_arguments, configure_secret, env_default, run_server, setup_logging,
+                      split_listen)
 from ..units import parse_duration, parse_rate
 from .planner import DEFAULT_PROFILES, PlannerConfig, format_rate, parse_profile
 from .provider import make_provider
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ControllerServer(host, port, node_timeout=parse_duration(args.node_timeout),
                                   profiles=profiles, planner=planner, provider=provider,
                                   provision_timeout=parse_duration(args.provision_timeout))
+        configure_secret(server, args.secret_file)
     except ValueError as exc:
         parser.error(str(exc))
     return run_server(server)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,7 @@ class ControllerServer(Server):
         role = h["role"]
         if role not in ("storage", "metadata"):
             raise InvalidRequest(f"unknown role {role!r}")
+        key_fields = self._admit_node(conn, h)
         tier = str(h.get("tier", "metadata" if role == "metadata" else "dram"))
         if role == "storage" and tier not in TIERS:
             raise InvalidRequest(f"unknown tier {tier!r}")
@@ -144,7 +146,29 @@ class ControllerServer(Server):
             self._nodes_changed()
         log.info("%s server %s registered at %s (%s, %d bytes)", role, node_id, address, tier,
                  capacity)
-        return {"node": node_id}
+        return {"node": node_id, **key_fields}
+
+    def _admit_node(self, conn: ServerConnection, h: dict) -> dict:
+        """Check a registrant may join; a loopback cluster's key goes back with the reply.
+
+        With a configured secret the node must sign its registration with it.
+        Without one (the controller made a key; loopback only), the key is
+        handed only to a process of this controller's own user, over loopback.
+        """
+        from ..security import ClusterKey, loopback_peer_uid
+        if self.key is None:
+            self.key = ClusterKey.generate()
+        if not self.key.generated:
+            self.key.check(h.get("auth"), Op.NODE_REGISTER, h.get("role"), h.get("addr"))
+            return {}
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport else None
+        local = transport.get_extra_info("sockname") if transport else None
+        uid = loopback_peer_uid(peer[:2], local[:2]) if peer and local else None
+        if uid != os.getuid():
+            self.key.deny(f"node registration from {conn.peer}: not a loopback process of "
+                          f"this user (configure a cluster secret to admit remote nodes)")
+        return {"secret": self.key.secret}
 
     def handle_heartbeat(self, conn: ServerConnection, frame: Frame) -> None:
         h = frame.header
@@ -200,6 +224,8 @@ class ControllerServer(Server):
         if conn is None or conn.closed:
             conn = await AsyncConnection.open(node.address, timeout=5.0)
             self._md_conns[node_id] = conn
+        if self.key is not None and opcode in (Op.JOB_ADD, Op.JOB_UPDATE):
+            header = {**header, "auth": self.key.sign(opcode, header.get("job"))}
         return await conn.request(opcode, header, timeout=10.0)
 
     # -- jobs ----------------------------------------------------------------
@@ -246,14 +272,26 @@ class ControllerServer(Server):
                                            allocation_rates(slices, self.ledger.nodes)))
             job.spill = self._spill_levels(job)
             await self._md_request(md, Op.JOB_ADD, {
-                "job": job_id, "tok": token, "name": name, **self._map_header(job)})
+                "job": job_id, "tok": token, "name": name, **self._map_header(job),
+                **self._job_options(h)})
         except BaseException:
             self.ledger.release(job_id)
             raise
         self.jobs[job_id] = job
         log.info("job %s registered: %s %s, metadata %s, weights %s", job_id, allocation.tier,
                  allocation.reason, md, {k: round(v, 3) for k, v in weights.items()})
-        return self._job_reply(job)
+        return {**self._job_reply(job), **self._job_options(h)}
+
+    @staticmethod
+    def _job_options(h: dict) -> dict:
+        """Per-job settings the metadata server applies: DRAM checksums, the job's lease."""
+        options = {}
+        if isinstance(h.get("checksums"), bool):
+            options["checksums"] = h["checksums"]
+        lease = h.get("lease")
+        if isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0:
+            options["lease"] = float(lease)
+        return options
 
     async def _place(self, job_id: str, allocation: Allocation) -> tuple[list[Slice], float]:
         """Pack the allocation into its tier: existing nodes, then new ones, then overcommit.

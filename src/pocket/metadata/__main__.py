@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..server import common_arguments, env_default, run_server, setup_logging, split_listen
+from ..server import (common_arguments, configure_secret, env_default, run_server, setup_logging,
+                      split_listen)
 from ..units import parse_duration, parse_size
 from .placement import DEFAULT_SPLIT_SIZE
 from .server import DEFAULT_INLINE_MAX, MetadataServer
@@ -27,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a reader may hold a large object (default 60s)")
     parser.add_argument("--heartbeat", default=env_default("heartbeat", "1s"),
                         help="heartbeat interval (default 1s)")
+    parser.add_argument("--capability-ttl", default=env_default("capability_ttl", "300s"),
+                        help="lifetime of the extent capabilities handed to clients (default 300s)")
+    parser.add_argument("--checksums", choices=("flash", "all"),
+                        default=env_default("checksums", "flash"),
+                        help="checksum the extents of flash tiers (default; DRAM too for jobs "
+                             "registered with checksums=True) or of all tiers")
+    parser.add_argument("--job-lease", default=env_default("job_lease", "60s"),
+                        help="a job with no request and no driver renewal for this long is "
+                             "reclaimed as if deregistered, persisted objects kept (default 60s)")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     host, port = split_listen(args.listen)
@@ -36,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             inline_max=parse_size(args.inline_max), inline_capacity=parse_size(args.inline_capacity),
             split_size=parse_size(args.split_size),
             lease_timeout=parse_duration(args.lease_timeout),
-            heartbeat=parse_duration(args.heartbeat))
+            heartbeat=parse_duration(args.heartbeat),
+            capability_ttl=parse_duration(args.capability_ttl), checksums=args.checksums,
+            job_lease=parse_duration(args.job_lease))
+        configure_secret(server, args.secret_file)
     except ValueError as exc:
         parser.error(str(exc))
     return run_server(server)

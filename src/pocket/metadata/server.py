@@ -24,12 +24,15 @@ from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound, P
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
 from ..server import Server, ServerConnection
-from ..storage.server import TIERS
+from ..security import DEFAULT_CAPABILITY_TTL
+from ..storage.server import FLASH_TIERS, TIERS
 from .placement import DEFAULT_SPLIT_SIZE, WeightedChooser, plan_pieces
 
 log = logging.getLogger("pocket.metadata")
 
 DEFAULT_INLINE_MAX = 64 << 10
+#: A job nobody has used for this long (no request, no driver renewal) is reclaimed.
+DEFAULT_JOB_LEASE = 60.0
 MAX_NAME_BYTES = 1024
 
 
@@ -44,7 +47,7 @@ def check_name(name: object) -> str:
 
 @dataclass(eq=False)
 class StoredObject:
-    """One object: inline bytes or extents ``(node, extent id, length)``."""
+    """One object: inline bytes or extents ``(node, extent id, length, checksum or None)``."""
 
     size: int
     persist: bool
@@ -72,6 +75,11 @@ class JobNamespace:
     spill: list = field(default_factory=list)
     #: Storage node → its tier, for the nodes of the weight map and the spill levels.
     node_tiers: dict = field(default_factory=dict)
+    #: Checksum extents on DRAM too (flash extents always are).
+    checksums: bool = False
+    #: Reclaimed (as if deregistered) after this many seconds without a request.
+    lease: float = DEFAULT_JOB_LEASE
+    last_active: float = field(default_factory=time.monotonic)
 
     def bytes_stored(self) -> int:
         return sum(o.size for o in self.objects.values())
@@ -85,6 +93,7 @@ class PendingPut:
     persist: bool
     extents: list
     deadline: float
+    checksummed: bool = False
 
 
 def object_tier(job: JobNamespace, nodes: list) -> str:
@@ -106,7 +115,8 @@ class MetadataServer(Server):
                  controller: Optional[str] = None, inline_max: int = DEFAULT_INLINE_MAX,
                  inline_capacity: int = 1 << 30, split_size: int = DEFAULT_SPLIT_SIZE,
                  lease_timeout: float = 60.0, put_timeout: float = 600.0,
-                 heartbeat: float = 1.0) -> None:
+                 heartbeat: float = 1.0, capability_ttl: float = DEFAULT_CAPABILITY_TTL,
+                 checksums: str = "flash", job_lease: float = DEFAULT_JOB_LEASE) -> None:
         super().__init__(host, port, Limits(max_header=1 << 20, max_payload=inline_max))
         self.controller = controller
         self.inline_max = inline_max
@@ -116,6 +126,12 @@ class MetadataServer(Server):
         self.lease_timeout = lease_timeout
         self.put_timeout = put_timeout
         self.heartbeat_interval = heartbeat
+        self.capability_ttl = capability_ttl
+        if checksums not in ("flash", "all"):
+            raise ValueError("checksums must be 'flash' or 'all'")
+        #: ``flash``: checksum extents on flash tiers (and DRAM for jobs that ask); ``all``: all.
+        self.checksums = checksums
+        self.job_lease = job_lease
         self.jobs: dict[str, JobNamespace] = {}
         self.node_addresses: dict[str, str] = {}
         self.puts: dict[int, PendingPut] = {}
@@ -139,6 +155,7 @@ class MetadataServer(Server):
             Op.JOB_ADD: self.handle_job_add,
             Op.JOB_UPDATE: self.handle_job_update,
             Op.JOB_REMOVE: self.handle_job_remove,
+            Op.JOB_RENEW: self.handle_job_renew,
         })
 
     # -- helpers -------------------------------------------------------------
@@ -149,7 +166,16 @@ class MetadataServer(Server):
             raise AccessDenied("unknown job or wrong token")
         if write and not job.active:
             raise AccessDenied(f"job {job.job_id} is deregistered; only reads and deletes remain")
+        job.last_active = time.monotonic()
         return job
+
+    def _capabilities(self, job: JobNamespace, ext_ids: list, rights: str) -> list:
+        """Capabilities for the client to present to storage servers (see pocket.security)."""
+        key = self.key
+        if key is None:
+            raise Unavailable("the metadata server has no cluster key yet (not registered)")
+        expiry = int(time.time() + self.capability_ttl)
+        return [key.capability(job.job_id, e, rights, expiry) for e in ext_ids]
 
     async def _storage_conn(self, node: str) -> AsyncConnection:
         fut = self._storage.get(node)
@@ -181,7 +207,7 @@ class MetadataServer(Server):
 
     def _free_extents(self, extents: list) -> None:
         by_node: dict[str, list[int]] = {}
-        for node, ext_id, _length in extents:
+        for node, ext_id, *_rest in extents:
             by_node.setdefault(node, []).append(ext_id)
         for node, ids in by_node.items():
             task = asyncio.get_running_loop().create_task(self._send_free(node, ids))
@@ -191,7 +217,8 @@ class MetadataServer(Server):
     async def _send_free(self, node: str, ids: list[int]) -> None:
         try:
             conn = await self._storage_conn(node)
-            await conn.request(Op.EXT_FREE, {"ext": ids}, timeout=10.0)
+            await conn.request(Op.EXT_FREE, {"ext": ids, "auth": self._sign(Op.EXT_FREE, ids)},
+                               timeout=10.0)
         except PocketError as exc:  # the node is gone: its space went with it
             log.warning("could not free %d extents on %s: %s", len(ids), node, exc)
 
@@ -201,8 +228,16 @@ class MetadataServer(Server):
         if old is not None:
             self._retire(old)
 
-    def _extent_list(self, obj: StoredObject) -> list:
-        return [[self.node_addresses.get(n, "?"), e, length] for n, e, length in obj.extents]
+    def _sign(self, opcode: int, *fields) -> bytes:
+        if self.key is None:
+            raise Unavailable("the metadata server has no cluster key yet (not registered)")
+        return self.key.sign(opcode, *fields)
+
+    def _extent_list(self, job: JobNamespace, obj: StoredObject) -> list:
+        """``[[address, extent id, length, read capability, checksum or None], ...]``."""
+        caps = self._capabilities(job, [e for _, e, _, _ in obj.extents], "r")
+        return [[self.node_addresses.get(n, "?"), e, length, cap, crc]
+                for (n, e, length, crc), cap in zip(obj.extents, caps)]
 
     # -- client handlers -----------------------------------------------------
     def handle_put_inline(self, conn: ServerConnection, frame: Frame) -> None:
@@ -227,10 +262,18 @@ class MetadataServer(Server):
             raise InvalidRequest("size must be a positive integer")
         extents = await self._allocate(job, size)
         put_id = next(self._ids)
+        try:
+            caps = self._capabilities(job, [e for _, e, _ in extents], "w")
+        except BaseException:
+            self._free_extents(extents)
+            raise
+        checksummed = (self.checksums == "all" or job.checksums or
+                       any(job.node_tiers.get(n, job.tier) in FLASH_TIERS for n, _, _ in extents))
         self.puts[put_id] = PendingPut(job, name, size, bool(h.get("persist")), extents,
-                                       time.monotonic() + self.put_timeout)
-        return {"put": put_id, "ext": [[self.node_addresses[n], e, length]
-                                       for n, e, length in extents]}
+                                       time.monotonic() + self.put_timeout, checksummed)
+        return {"put": put_id, "sum": checksummed,
+                "ext": [[self.node_addresses[n], e, length, cap]
+                        for (n, e, length), cap in zip(extents, caps)]}
 
     async def _allocate(self, job: JobNamespace, size: int) -> list:
         """Extents for ``size`` bytes by the job's weight map; all or nothing."""
@@ -295,7 +338,9 @@ class MetadataServer(Server):
 
     async def _alloc_on(self, job: JobNamespace, node: str, nbytes: int) -> list:
         conn = await self._storage_conn(node)
-        reply = await conn.request(Op.EXT_ALLOC, {"job": job.job_id, "size": nbytes}, timeout=10.0)
+        reply = await conn.request(Op.EXT_ALLOC, {
+            "job": job.job_id, "size": nbytes,
+            "auth": self._sign(Op.EXT_ALLOC, job.job_id, nbytes)}, timeout=10.0)
         return reply.header["ext"]
 
     def handle_put_commit(self, conn: ServerConnection, frame: Frame) -> None:
@@ -304,11 +349,18 @@ class MetadataServer(Server):
         put = self.puts.get(h["put"])
         if put is None or put.job is not job:
             raise NotFound("no such pending put (it may have timed out)")
+        sums = h.get("crc")
+        if sums is None and not put.checksummed:
+            sums = [None] * len(put.extents)
+        if not (isinstance(sums, list) and len(sums) == len(put.extents) and
+                all(isinstance(c, int) or (c is None and not put.checksummed) for c in sums)):
+            raise InvalidRequest(f"this put needs one checksum per extent ({len(put.extents)})")
         del self.puts[h["put"]]
         if not job.active:
             self._free_extents(put.extents)
             raise AccessDenied(f"job {job.job_id} was deregistered during the put")
-        self._install(job, put.name, StoredObject(put.size, put.persist, extents=put.extents))
+        extents = [(n, e, length, crc) for (n, e, length), crc in zip(put.extents, sums)]
+        self._install(job, put.name, StoredObject(put.size, put.persist, extents=extents))
         return None
 
     def handle_put_abort(self, conn: ServerConnection, frame: Frame) -> None:
@@ -341,7 +393,7 @@ class MetadataServer(Server):
         obj.readers += 1
         lease = next(self._ids)
         self.leases[lease] = (job, obj, time.monotonic() + self.lease_timeout)
-        return {"size": obj.size, "ext": self._extent_list(obj), "lease": lease}
+        return {"size": obj.size, "ext": self._extent_list(job, obj), "lease": lease}
 
     def handle_release(self, conn: ServerConnection, frame: Frame) -> None:
         h = frame.header
@@ -364,7 +416,7 @@ class MetadataServer(Server):
         obj = job.objects.get(name)
         if obj is None:
             raise NotFound(f"no object {name!r}")
-        nodes = sorted({n for n, _, _ in obj.extents})
+        nodes = sorted({n for n, *_ in obj.extents})
         return {"size": obj.size, "persist": obj.persist, "inline": obj.inline is not None,
                 "servers": [self.node_addresses.get(n, n) for n in nodes],
                 "tier": object_tier(job, nodes) if obj.extents else "metadata",
@@ -448,23 +500,40 @@ class MetadataServer(Server):
     def handle_job_add(self, conn: ServerConnection, frame: Frame) -> None:
         h = frame.header
         job_id, token = str(h["job"]), str(h["tok"])
+        self._controller_signed(h, Op.JOB_ADD)
         if job_id in self.jobs:
             raise InvalidRequest(f"job {job_id} exists")
-        job = JobNamespace(job_id, token, str(h.get("name", job_id)), {}, WeightedChooser({}))
+        job = JobNamespace(job_id, token, str(h.get("name", job_id)), {}, WeightedChooser({}),
+                           checksums=bool(h.get("checksums")),
+                           lease=float(h.get("lease") or self.job_lease))
         self._set_weights(job, h)
         self.jobs[job_id] = job
         log.info("job %s added with weights %s", job_id, job.weights)
         return None
 
+    def _controller_signed(self, h: dict, opcode: int) -> None:
+        """Only the controller (holding the cluster key) adds jobs and changes weight maps."""
+        if self.key is None:
+            raise AccessDenied("the metadata server has no cluster key yet (not registered)")
+        self.key.check(h.get("auth"), opcode, h.get("job"))
+
     def handle_job_update(self, conn: ServerConnection, frame: Frame) -> None:
+        self._controller_signed(frame.header, Op.JOB_UPDATE)
         job = self._controlled_job(frame.header)
         self._set_weights(job, frame.header)
         return None
 
     def handle_job_remove(self, conn: ServerConnection, frame: Frame) -> dict:
         """Deregistration: free everything not persisted (or everything, ``all``)."""
-        h = frame.header
-        job = self._controlled_job(h)
+        return self._remove_job(self._controlled_job(frame.header), bool(frame.header.get("all")))
+
+    def handle_job_renew(self, conn: ServerConnection, frame: Frame) -> dict:
+        """A live driver keeps its job's lease (any request of the job does too)."""
+        job = self._job(frame.header)
+        return {"lease": job.lease, "active": job.active}
+
+    def _remove_job(self, job: JobNamespace, everything: bool = False) -> dict:
+        h = {"all": everything}
         freed = 0
         for name, obj in list(job.objects.items()):
             if h.get("all") or not obj.persist:
@@ -487,10 +556,11 @@ class MetadataServer(Server):
 
     # -- background ----------------------------------------------------------
     async def _sweep(self) -> None:
-        """Expire forgotten leases and abandoned puts."""
+        """Expire forgotten leases, abandoned puts and jobs whose lease ran out."""
         while True:
-            await asyncio.sleep(min(5.0, self.lease_timeout / 2))
+            await asyncio.sleep(min(5.0, self.lease_timeout / 2, self.job_lease / 4))
             now = time.monotonic()
+            self._reclaim_idle_jobs(now)
             for lease, (_job, obj, deadline) in list(self.leases.items()):
                 if deadline < now:
                     del self.leases[lease]
@@ -501,6 +571,15 @@ class MetadataServer(Server):
                     self._free_extents(put.extents)
                     log.warning("put of %r in job %s timed out; space freed", put.name,
                                 put.job.job_id)
+
+    def _reclaim_idle_jobs(self, now: float) -> None:
+        """A job whose driver died without deregistering: nobody renewed its lease, so its
+        objects are freed as at deregistration (persisted ones are kept)."""
+        for job in list(self.jobs.values()):
+            if job.active and now - job.last_active > job.lease:
+                log.warning("job %s: lease of %.0fs expired without renewal; reclaiming it",
+                            job.job_id, job.lease)
+                self._remove_job(job)
 
     def stats(self) -> dict:
         usage = self._meter.read(self.bytes_in, self.bytes_out)
@@ -520,7 +599,7 @@ class MetadataServer(Server):
                 self.controller,
                 lambda: {"role": "metadata", "tier": "metadata", "addr": self.address,
                          "capacity": self.inline_capacity, "inline_max": self.inline_max},
-                self.stats, self.heartbeat_interval)
+                self.stats, self.heartbeat_interval, server=self)
             self.link.start()
 
     async def on_stop(self) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..server import common_arguments, env_default, run_server, setup_logging, split_listen
+from ..server import (common_arguments, configure_secret, env_default, run_server, setup_logging,
+                      split_listen)
 from ..units import parse_duration, parse_rate, parse_size
 from .server import TIERS, StorageServer
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_buffered=args.allow_buffered, io_threads=args.io_threads,
             resident_slack=parse_size(args.resident_slack),
             write_buffer=parse_size(args.write_buffer))
+        configure_secret(server, args.secret_file)
     except ValueError as exc:
         parser.error(str(exc))
     return run_server(server)

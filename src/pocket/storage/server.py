@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ..errors import CapacityExceeded, InvalidRequest, NotFound
+from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
 from ..server import Server, ServerConnection
@@ -179,19 +179,36 @@ class StorageServer(Server):
         self.device.release(ext.block * self.block_size, ext.nblocks * self.block_size)
         return ext.nblocks * self.block_size
 
-    def _extent_offset(self, header: dict, size: int) -> int:
-        """The device offset of ``size`` bytes at ``header['off']`` in extent ``header['ext']``."""
-        ext = self.extents.get(header["ext"])
+    def _authorized(self, header: dict, rights: str) -> Extent:
+        """The extent ``header['ext']`` if ``header['cap']`` grants ``rights`` on it (else raise)."""
+        ext_id = header["ext"]
+        ext = self.extents.get(ext_id)
         if ext is None:
             raise NotFound("no such extent")
+        key = self.key
+        if key is None:
+            raise AccessDenied("this storage server has no cluster key yet (not registered)")
+        key.verify(header.get("cap"), ext.job, ext_id, rights)
+        return ext
+
+    def _internal(self, header: dict, opcode: int, *fields) -> None:
+        """Requests only the metadata server may make carry its signature."""
+        if self.key is None:
+            raise AccessDenied("this storage server has no cluster key yet (not registered)")
+        self.key.check(header.get("auth"), opcode, *fields)
+
+    def _extent_offset(self, header: dict, size: int, rights: str = "r") -> int:
+        """The device offset of ``size`` bytes at ``header['off']`` in extent ``header['ext']``,
+        if the request's capability grants ``rights`` on it."""
+        ext = self._authorized(header, rights)
         off = header.get("off", 0)
         if not isinstance(off, int) or not isinstance(size, int) or off < 0 or size < 0 \
                 or off + size > ext.length:
             raise InvalidRequest(f"range {off}+{size} outside extent of {ext.length} bytes")
         return ext.block * self.block_size + off
 
-    def _extent_view(self, header: dict, size: int) -> memoryview:
-        start = self._extent_offset(header, size)
+    def _extent_view(self, header: dict, size: int, rights: str = "r") -> memoryview:
+        start = self._extent_offset(header, size, rights)
         return self.device.view[start:start + size]
 
     # -- handlers ------------------------------------------------------------
@@ -200,8 +217,8 @@ class StorageServer(Server):
         if opcode == Op.EXT_WRITE:
             try:
                 if not self.flash:
-                    return self._extent_view(header, size)  # received into its block
-                if self._extent_offset(header, size) % ALIGN:
+                    return self._extent_view(header, size, "w")  # received into its block
+                if self._extent_offset(header, size, "w") % ALIGN:
                     return None
             except Exception:
                 return None  # received into a scratch buffer; the handler reports why
@@ -213,11 +230,12 @@ class StorageServer(Server):
 
     def handle_alloc(self, conn: ServerConnection, frame: Frame) -> dict:
         h = frame.header
+        self._internal(h, Op.EXT_ALLOC, h["job"], h["size"])
         return {"ext": self.alloc(str(h["job"]), h["size"])}
 
     def handle_write(self, conn: ServerConnection, frame: Frame):
         if not frame.sunk:
-            start = self._extent_offset(frame.header, len(frame.payload))  # raises the reason
+            start = self._extent_offset(frame.header, len(frame.payload), "w")  # raises why
             if self.flash and start % ALIGN:
                 raise InvalidRequest(f"flash writes must start at a multiple of {ALIGN} bytes")
             raise InvalidRequest("write was not received into its extent")
@@ -236,7 +254,7 @@ class StorageServer(Server):
         size = len(frame.payload)
         try:
             # Look the extent up again: it may have been freed while the payload arrived.
-            start = self._extent_offset(frame.header, size)
+            start = self._extent_offset(frame.header, size, "w")
             await self.device.write(start, frame.payload)
         finally:
             self.flash_inflight -= size
@@ -263,6 +281,7 @@ class StorageServer(Server):
         ids = frame.header["ext"]
         if not isinstance(ids, list):
             raise InvalidRequest("ext must be a list of extent ids")
+        self._internal(frame.header, Op.EXT_FREE, ids)
         return {"freed": sum(self.free(i) for i in ids)}
 
     # -- lifecycle -----------------------------------------------------------
@@ -295,7 +314,7 @@ class StorageServer(Server):
                 self.controller,
                 lambda: {"role": "storage", "tier": self.tier, "addr": self.address,
                          "capacity": self.capacity, "block_size": self.block_size},
-                self.stats, self.heartbeat_interval)
+                self.stats, self.heartbeat_interval, server=self)
             self.link.start()
 
     async def on_stop(self) -> None:
