@@ -184,3 +184,18 @@ def test_follows_a_burst_and_returns_to_minimum() -> None:
     assert max(counts) >= 5
     assert counts[-1] == 1  # back to the minimum
     assert changes == 3  # in (idle), out (burst), in (after it)
+
+
+def test_steering_gives_new_nodes_the_larger_weight() -> None:
+    from pocket.controller.autoscale import drain_weights, node_headroom, steer_weights
+    full, half = node(0, 0.9), node(1, 0.5)
+    room = {n.id: node_headroom(n) for n in (full, half)}
+    assert room == {"dram-0": pytest.approx(0.1), "dram-1": pytest.approx(0.5)}
+    w = steer_weights({"dram-0": 0.5, "dram-1": 0.5}, {"dram-9": 1.0}, room)
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert w["dram-9"] > w["dram-1"] > w["dram-0"]
+    assert w["dram-9"] == pytest.approx(1 / 1.6)
+    assert node_headroom(node(2, 1.2)) == pytest.approx(0.02)  # never zero
+    assert drain_weights({"a": 0.25, "b": 0.75}, {"b"}, {}) == {"a": 1.0}
+    assert drain_weights({"b": 1.0}, {"b"}, {"a": 0.2, "c": 0.6}) == \
+        {"a": pytest.approx(0.25), "c": pytest.approx(0.75)}

@@ -25,7 +25,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                                log_level=args.log_level, inherit_logs=not args.log_dir,
                                log_dir=args.log_dir, nvme=args.nvme, ssd=args.ssd, hdd=args.hdd,
                                data_dir=args.data_dir, flash_capacity=args.flash_capacity,
-                               provider=args.provider, max_nodes=args.max_nodes)
+                               provider="local" if args.autoscale else args.provider,
+                               max_nodes=args.max_nodes, autoscale=args.autoscale or None)
     except ValueError as exc:
         print(f"pocket up: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +126,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "servers started here, with a warning")
     up.add_argument("--max-nodes", type=int, default=8,
                     help="most storage servers the local provider runs (default 8)")
+    up.add_argument("--autoscale", action="store_true",
+                    help="add storage servers when a tier's utilisation is above its band and "
+                         "drain and stop them below it (uses the local provider)")
     up.add_argument("--log-level", default="INFO", help="server log level (default INFO)")
     up.add_argument("--log-dir", default=None,
                     help="write each server's log to a file here instead of stderr")

@@ -74,7 +74,8 @@ class LocalCluster:
                  storage_args: tuple[str, ...] = (), controller_args: tuple[str, ...] = (),
                  nvme: int = 0, ssd: int = 0, hdd: int = 0, data_dir: Optional[str] = None,
                  flash_capacity: int | str | None = None, provider: str = "none",
-                 max_nodes: int = 8, throughput: int | str | None = None) -> None:
+                 max_nodes: int = 8, throughput: int | str | None = None,
+                 autoscale: Optional[bool] = None) -> None:
         if min(dram, nvme, ssd, hdd) < 0 or metadata < 1:
             raise ValueError("need at least one metadata server and no negative counts")
         if provider not in ("none", "local"):
@@ -104,6 +105,9 @@ class LocalCluster:
         #: job's tier is short; ``none``: it overcommits the servers started here.
         self.provider = provider
         self.max_nodes = max_nodes
+        #: Autoscaling on (True), off (False) or the controller's default (None: on iff
+        #: there is a provider).
+        self.autoscale = autoscale
         #: Data rate each storage server reports (default: its tier's node profile).
         self.throughput = parse_rate(throughput) if throughput is not None else None
         self.processes: list[ServerProcess] = []
@@ -172,6 +176,8 @@ class LocalCluster:
             args += ["--max-nodes", str(self.max_nodes)]
             if self.data_dir:
                 args += ["--node-dir", self.data_dir]
+        if self.autoscale is not None:
+            args += ["--autoscale", "on" if self.autoscale else "off"]
         return args
 
     def start(self, timeout: float = 30.0) -> "LocalCluster":
@@ -280,7 +286,8 @@ class LocalCluster:
                      f"logs in {self.log_dir if not self.inherit_logs else 'stderr'})")
         if self.provider == "local":
             lines.append(f"  (the controller may start up to {self.max_nodes} more storage "
-                         f"servers when a job's tier is short)")
+                         f"servers when a job's tier is short"
+                         f"{'' if self.autoscale is False else ' or its load is above band'})")
         flash = ", ".join(f"{n} {tier}" for tier, n in self.flash.items() if n)
         if flash:
             lines.append(f"  ({flash} servers of {format_size(self.flash_capacity)} each in "

@@ -9,6 +9,7 @@ import sys
 from ..server import (common_arguments, configure_secret, env_default, run_server, setup_logging,
                       split_listen)
 from ..units import parse_duration, parse_rate
+from .autoscale import Band, ScalingPolicy, parse_band, parse_tier_nodes
 from .planner import DEFAULT_PROFILES, PlannerConfig, format_rate, parse_profile
 from .provider import make_provider
 from .server import ControllerServer
@@ -20,6 +21,50 @@ def profile_help() -> str:
     return ("node profile of a tier, TIER:key=value,... with keys capacity, throughput, price "
             "($/hour), instance; repeatable; env POCKET_PROFILE, several separated by ';' "
             f"(defaults: {rows})")
+
+
+def add_autoscale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--autoscale", choices=("auto", "on", "off"),
+                        default=env_default("autoscale", "auto"),
+                        help="keep each tier's utilisation inside its band by adding and "
+                             "draining nodes: on, off, or auto (default: on when --provider is "
+                             "not none)")
+    parser.add_argument("--autoscale-interval", default=env_default("autoscale_interval", "1s"),
+                        help="how often the autoscaler looks at heartbeats (default 1s)")
+    parser.add_argument("--scale-band", action="append", default=None,
+                        help="target utilisation band, RESOURCE=LOW-HIGH or TIER:RESOURCE=LOW-HIGH "
+                             "in percent, resources cpu, net, bytes, throughput (allocated), "
+                             "capacity (allocated); repeatable (default 60-80 for all; env "
+                             "POCKET_SCALE_BAND, several separated by ';')")
+    parser.add_argument("--tier-nodes", action="append", default=None,
+                        help="autoscaling limits of a tier, TIER=MIN:MAX (e.g. dram=1:8); "
+                             "repeatable (default dram=1:, no maximum but the provider's)")
+    parser.add_argument("--scale-cooldown", default=env_default("scale_cooldown", "2s"),
+                        help="least time between two scale-outs of a tier (default 2s)")
+    parser.add_argument("--scale-in-delay", default=env_default("scale_in_delay", "2s"),
+                        help="how long a tier stays below its band before nodes are drained; "
+                             "also the least time after any change (+1s) (default 2s)")
+
+
+def autoscale_policy(args: argparse.Namespace) -> ScalingPolicy | None:
+    """The scaling policy the flags ask for, or None when autoscaling is off."""
+    if args.autoscale == "off" or (args.autoscale == "auto" and args.provider == "none"):
+        return None
+    texts = args.scale_band if args.scale_band is not None else \
+        [t for t in os.environ.get("POCKET_SCALE_BAND", "").split(";") if t.strip()]
+    bands: dict[str, Band] = dict(parse_band(t) for t in texts)
+    min_nodes, max_nodes = {"dram": 1}, {}
+    for text in args.tier_nodes or ():
+        tier, low, high = parse_tier_nodes(text)
+        if tier not in DEFAULT_PROFILES:
+            raise ValueError(f"unknown tier {tier!r} in --tier-nodes")
+        min_nodes[tier] = low
+        if high is not None:
+            max_nodes[tier] = high
+    delay = parse_duration(args.scale_in_delay)
+    return ScalingPolicy(bands=bands, min_nodes=min_nodes, max_nodes=max_nodes,
+                         cooldown_out=parse_duration(args.scale_cooldown),
+                         cooldown_in=delay + 1.0, scale_in_delay=delay)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                              "starts (without it, it starts DRAM servers only)")
     parser.add_argument("--provision-timeout", default=env_default("provision_timeout", "30s"),
                         help="how long a job registration waits for new nodes (default 30s)")
+    add_autoscale_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     host, port = split_listen(args.listen)
@@ -72,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.provider == "local" else {}))
         server = ControllerServer(host, port, node_timeout=parse_duration(args.node_timeout),
                                   profiles=profiles, planner=planner, provider=provider,
-                                  provision_timeout=parse_duration(args.provision_timeout))
+                                  provision_timeout=parse_duration(args.provision_timeout),
+                                  autoscale=autoscale_policy(args),
+                                  autoscale_interval=parse_duration(args.autoscale_interval))
         configure_secret(server, args.secret_file)
     except ValueError as exc:
         parser.error(str(exc))

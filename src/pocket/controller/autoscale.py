@@ -28,9 +28,9 @@ capacity   capacity allocated to jobs ÷ capacity
   ``scale_in_delay`` and nothing changed in the tier for ``cooldown_in``:
   drain the nodes the provider can remove that carry no job allocation,
   emptiest first, as long as the remaining nodes would stay at or below the
-  *top* of every band under the *peak* demand seen while below.  That
-  hysteresis (out above the top, in only if the peak would still fit under
-  the top) is what stops flapping on oscillating load.
+  *top* of every band under the *peak* demand of the last ``scale_in_delay``
+  seconds.  That hysteresis (out above the top, in only if the recent peak
+  would still fit under the top) is what stops flapping on oscillating load.
 * **Remove** a draining node once it has reported zero bytes stored for
   ``drain_settle`` seconds (so a write placed just before the drain took
   effect shows up first).  A node holding data is never removed.
@@ -147,9 +147,19 @@ class TierHistory:
     last_out: float = -math.inf
     last_in: float = -math.inf
     below_since: Optional[float] = None
-    #: Highest demand per resource since ``below_since``: scale-in projects this, not the
-    #: last sample, so load that swings inside the below-band period cannot cause a flap.
-    peak: dict = field(default_factory=dict)
+    #: ``(time, demand per resource)`` of the last ``scale_in_delay`` seconds: scale-in
+    #: projects their peak, not the last sample, so swinging load cannot cause a flap.
+    recent: list = field(default_factory=list)
+
+    def peak(self, since: float) -> dict[str, float]:
+        """Highest demand per resource in the samples taken at or after ``since``."""
+        out: dict[str, float] = {}
+        for t, load in self.recent:
+            if t < since:
+                continue
+            for r, v in load.items():
+                out[r] = max(v, out.get(r, 0.0))
+        return out
 
 
 @dataclass(frozen=True)
@@ -266,7 +276,8 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
         if now - max(hist.last_out, hist.last_in) < policy.cooldown_in or starting:
             continue
         load, _ = tier_load(active)
-        load = {r: max(v, hist.peak.get(r, 0.0)) for r, v in load.items()}
+        peak = hist.peak(now - policy.scale_in_delay)
+        load = {r: max(v, peak.get(r, 0.0)) for r, v in load.items()}
         remaining = list(active)
         candidates = sorted((n for n in active if n.removable and n.allocated_capacity == 0
                              and n.allocated_throughput == 0),
@@ -297,17 +308,56 @@ def update_history(history: dict[str, TierHistory], observed: ClusterObservation
                                      for r in RESOURCES)
         if not below:
             hist.below_since = None
-            hist.peak = {}
-        else:
-            if hist.below_since is None:
-                hist.below_since = now
-            hist.peak = {r: max(v, hist.peak.get(r, 0.0)) for r, v in load.items()}
+        elif hist.below_since is None:
+            hist.below_since = now
+        hist.recent = [(t, x) for t, x in hist.recent if t >= now - policy.scale_in_delay]
+        hist.recent.append((now, load))
         for d in decisions:
             if d.tier != tier:
                 continue
             if d.action in ("add", "undrain"):
                 hist.last_out = now
                 hist.below_since = None
-                hist.peak = {}
             elif d.action == "drain":
                 hist.last_in = now
+
+
+# -- data steering ----------------------------------------------------------------
+
+#: A full node still gets this much headroom, so a job never loses all its nodes at once.
+MIN_HEADROOM = 0.02
+
+
+def node_headroom(node: NodeObservation) -> float:
+    """How much room a node has left for new writes: its free fraction in the tighter of
+    bytes stored and network rate (at least :data:`MIN_HEADROOM`)."""
+    free_bytes = 1.0 - node.used / node.capacity if node.capacity > 0 else 0.0
+    free_net = 1.0 - node.net / node.throughput if node.throughput > 0 else 1.0
+    return max(MIN_HEADROOM, min(1.0, free_bytes, free_net))
+
+
+def steer_weights(weights: Mapping[str, float], new: Mapping[str, float],
+                  headroom: Mapping[str, float]) -> dict[str, float]:
+    """A running job's weight map after nodes ``new`` joined its tier (data steering).
+
+    The job's nodes and the new ones are weighted by their headroom, so new
+    (empty) nodes get the largest weights and new writes flow there; existing
+    data stays where it is.  ``new`` maps node → headroom too (usually 1.0).
+    Weights sum to 1.
+    """
+    room = {n: headroom.get(n, MIN_HEADROOM) for n in weights}
+    room.update(new)
+    total = sum(room.values())
+    return {n: r / total for n, r in sorted(room.items())} if total > 0 else dict(weights)
+
+
+def drain_weights(weights: Mapping[str, float], gone: set[str],
+                  fallback: Mapping[str, float]) -> dict[str, float]:
+    """A weight map without the draining nodes ``gone``, renormalised; if nothing is left,
+    ``fallback`` (the tier's active nodes by headroom)."""
+    kept = {n: w for n, w in weights.items() if n not in gone and w > 0}
+    total = sum(kept.values())
+    if total <= 0:
+        kept = {n: w for n, w in fallback.items() if n not in gone and w > 0}
+        total = sum(kept.values())
+    return {n: w / total for n, w in kept.items()} if total > 0 else {}

@@ -3,8 +3,9 @@
 A provider is small on purpose: how many more nodes of a tier it could start
 (:meth:`NodeProvider.available`), start some (:meth:`NodeProvider.start`,
 returning the addresses the new servers will register from), and stop what
-it started (:meth:`NodeProvider.stop`, on controller shutdown).  The
-controller waits for the new nodes to register and then packs them.
+it started (:meth:`NodeProvider.stop`, on controller shutdown), and remove
+one of them (:meth:`NodeProvider.remove`, when autoscaling has drained it).
+The controller waits for the new nodes to register and then packs them.
 
 * :class:`NoProvider` (``--provider none``, the default): nodes are started
   by hand; a job that does not fit gets the best map over the nodes there are.
@@ -52,6 +53,12 @@ class NodeProvider(Protocol):
     async def stop(self) -> None:
         """Stop every node this provider started."""
 
+    def owns(self, address: str) -> bool:
+        """Whether this provider started the node at ``address`` and can remove it."""
+
+    async def remove(self, address: str) -> None:
+        """Stop one node it started (autoscaling removes a drained, empty node)."""
+
     def describe(self) -> dict:
         """The provider as plain data for ``pocket status``."""
 
@@ -70,6 +77,12 @@ class NoProvider:
 
     async def stop(self) -> None:
         return None
+
+    def owns(self, address: str) -> bool:
+        return False
+
+    async def remove(self, address: str) -> None:
+        raise Unavailable("no node provider is configured (--provider none)")
 
     def describe(self) -> dict:
         return {"name": self.name}
@@ -211,6 +224,20 @@ class LocalProvider:
             log.info("local provider: stopping %d storage servers", sum(n.running for n in nodes))
         await asyncio.gather(*(self._stop_node(n, grace) for n in nodes),
                              return_exceptions=True)
+
+    def owns(self, address: str) -> bool:
+        return any(n.address == address and n.running for n in self.nodes)
+
+    async def remove(self, address: str, grace: float = 5.0) -> None:
+        """SIGTERM the node at ``address`` (it leaves the controller on its way out)."""
+        for node in list(self.nodes):
+            if node.address == address:
+                self.nodes.remove(node)
+                log.info("local provider: stopping %s storage server %s (pid %d)", node.tier,
+                         address, node.process.pid)
+                await self._stop_node(node, grace)
+                return
+        raise Unavailable(f"the local provider did not start {address}")
 
     def describe(self) -> dict:
         return {"name": self.name, "max_nodes": self.max_nodes, "running": self.running(),

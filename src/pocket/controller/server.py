@@ -29,6 +29,8 @@ from .planner import (DEFAULT_CONFIG, DEFAULT_PROFILES, TIER_ORDER, Allocation, 
                       allocation_rates, format_rate, nodes_needed, pack_allocation,
                       plan_allocation, spread_allocation, weight_map)
 from .policy import expired, job_slug, least_loaded, normalise_hints, weights_by_free_capacity
+from .autoscale import ScalingPolicy
+from .monitor import AutoscaleMonitor
 from .provider import NodeProvider, NoProvider
 
 log = logging.getLogger("pocket.controller")
@@ -85,7 +87,9 @@ class ControllerServer(Server):
                  node_timeout: float = 5.0, profiles: Optional[dict[str, NodeProfile]] = None,
                  planner: PlannerConfig = DEFAULT_CONFIG,
                  provider: Optional[NodeProvider] = None,
-                 provision_timeout: float = 30.0) -> None:
+                 provision_timeout: float = 30.0,
+                 autoscale: Optional[ScalingPolicy] = None,
+                 autoscale_interval: float = 1.0) -> None:
         super().__init__(host, port, Limits(max_header=1 << 20, max_payload=0))
         self.node_timeout = node_timeout
         self.profiles: dict[str, NodeProfile] = {**DEFAULT_PROFILES, **(profiles or {})}
@@ -101,6 +105,10 @@ class ControllerServer(Server):
         self._spill_refresh: Optional[asyncio.Task] = None
         self._md_conns: dict[str, AsyncConnection] = {}
         self._monitor: Optional[asyncio.Task] = None
+        #: Autoscaling (``--autoscale``): None when off.
+        self.autoscaler: Optional[AutoscaleMonitor] = (
+            AutoscaleMonitor(self, autoscale, autoscale_interval) if autoscale is not None
+            else None)
         self.handlers.update({
             Op.NODE_REGISTER: self.handle_node_register,
             Op.NODE_HEARTBEAT: self.handle_heartbeat,
@@ -495,6 +503,8 @@ class ControllerServer(Server):
                          **self._cost_fields(j)})
         return {"controller": self.address, "nodes": nodes, "jobs": jobs,
                 "provider": self.provider.describe(),
+                "autoscale": (self.autoscaler.describe() if self.autoscaler is not None
+                              else {"enabled": False}),
                 "profiles": {t: {"instance": p.instance, "capacity": p.capacity,
                                  "throughput": p.throughput, "price": p.price}
                              for t, p in self.profiles.items()}}
@@ -515,10 +525,14 @@ class ControllerServer(Server):
 
     async def on_start(self) -> None:
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
+        if self.autoscaler is not None:
+            self.autoscaler.start()
 
     async def on_stop(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
         if self._spill_refresh is not None:
             self._spill_refresh.cancel()
         for conn in self._md_conns.values():

@@ -1,0 +1,297 @@
+"""The controller's autoscaling loop: observe, decide (``autoscale.py``), apply.
+
+Every ``interval`` (1 s by default) :class:`AutoscaleMonitor` turns the
+controller's node records (heartbeats) and allocation ledger into a
+:class:`~.autoscale.ClusterObservation`, asks :func:`~.autoscale.decide_scaling`
+what to do and does it:
+
+* **add** — ask the node provider for nodes (in the background, so the loop
+  keeps observing); once they register, *steer*: every running job of the
+  tier gets a weight map over its nodes and the new ones by headroom, so new
+  writes flow to the new nodes.  Existing data is not moved.
+* **drain** — the node gets state ``draining``: it is taken out of every
+  running job's weight map and spill levels (JOB_UPDATE) and out of packing
+  for new jobs.  Reads of what it holds go on as before.
+* **remove** — a draining node that has reported zero bytes stored in two
+  heartbeats at least ``drain_settle`` apart (both after its drain reached
+  the metadata servers) is stopped by the provider; it leaves the controller
+  on its way out.  A node holding a live object is never removed.
+* **undrain** — load came back: a draining node is active again.
+
+Each action is an event (``pocket status --json`` → ``autoscale.events``)
+with its reason and the tier's utilisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Optional
+
+from ..protocol import Op
+from .autoscale import (ClusterObservation, Decision, NodeObservation, ScalingPolicy, TierHistory,
+                        decide_scaling, drain_weights, node_headroom, steer_weights,
+                        update_history)
+
+if TYPE_CHECKING:
+    from .server import ControllerServer, NodeRecord
+
+log = logging.getLogger("pocket.autoscale")
+
+#: ``reserved_for`` of a draining node in the allocation ledger: no job packs into it.
+DRAINING = "(draining)"
+
+
+class AutoscaleMonitor:
+    """Runs :func:`decide_scaling` every ``interval`` seconds for one controller."""
+
+    def __init__(self, controller: "ControllerServer", policy: ScalingPolicy,
+                 interval: float = 1.0, max_events: int = 500,
+                 startup_grace: Optional[float] = None) -> None:
+        if interval <= 0:
+            raise ValueError("the autoscale interval must be positive")
+        self.controller = controller
+        self.policy = policy
+        self.interval = interval
+        self.history: dict[str, TierHistory] = {}
+        self.events: collections.deque = collections.deque(maxlen=max_events)
+        #: tier → nodes being started for the autoscaler.
+        self.starting: dict[str, int] = {}
+        #: node → monotonic time its drain reached every metadata server.
+        self.drained_at: dict[str, float] = {}
+        #: node → receive time of its first zero-bytes heartbeat after ``drained_at``.
+        self.empty_since: dict[str, float] = {}
+        self.ticks = 0
+        #: Nodes that exist register within this long of our start (or of a controller
+        #: restart): the minimum is not filled before, so they are not doubled.
+        self.startup_grace = (startup_grace if startup_grace is not None
+                              else controller.node_timeout)
+        self.started = time.monotonic()
+        self._task: Optional[asyncio.Task] = None
+        self._actions: set[asyncio.Task] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        for task in [self._task, *self._actions]:
+            if task is not None:
+                task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must survive a bad tick
+                log.exception("autoscale tick failed")
+
+    # -- observe ---------------------------------------------------------------
+    def observe(self, now: float) -> ClusterObservation:
+        """The storage nodes as plain data (draining ones with how long they have been empty)."""
+        c = self.controller
+        wall = time.time()
+        nodes = []
+        for n in c.nodes.values():
+            if n.role != "storage" or n.state not in ("active", "draining"):
+                continue
+            load = c.ledger.nodes.get(n.id)
+            if load is None:
+                continue
+            if load.reserved_for not in (None, DRAINING):
+                continue  # a job's registration is packing it right now
+            hist = self.history.setdefault(n.tier, TierHistory())
+            # a node that registered lately (ours or a job's) counts as a recent scale-out
+            hist.last_out = max(hist.last_out, now - (wall - n.registered))
+            empty_for = 0.0
+            if n.state == "draining":
+                since = self.drained_at.get(n.id)
+                if since is not None and n.used == 0 and n.last_seen > since:
+                    first = self.empty_since.setdefault(n.id, n.last_seen)
+                    empty_for = n.last_seen - first
+                else:
+                    self.empty_since.pop(n.id, None)
+            nodes.append(NodeObservation(
+                n.id, n.tier, n.capacity, load.throughput, used=n.used, cpu=n.cpu,
+                net=n.net_in + n.net_out, allocated_throughput=load.allocated_throughput,
+                allocated_capacity=load.allocated_capacity, state=n.state,
+                removable=c.provider.owns(n.address), empty_for=empty_for))
+        tiers = {o.tier for o in nodes} | set(self.starting) | set(self.policy.min_nodes)
+        return ClusterObservation(now, tuple(nodes), dict(self.starting),
+                                  {t: c.provider.available(t) for t in tiers}, self.history)
+
+    async def tick(self) -> list[Decision]:
+        """One round: observe, decide, apply.  Returns the decisions."""
+        self.ticks += 1
+        now = time.monotonic()
+        known = set(self.controller.nodes)
+        for table in (self.drained_at, self.empty_since):
+            for node_id in [k for k in table if k not in known]:
+                del table[node_id]
+        observed = self.observe(now)
+        policy = self.policy
+        if now - self.started < self.startup_grace:
+            policy = dataclasses.replace(policy, min_nodes={})
+        decisions = decide_scaling(observed, policy)
+        update_history(self.history, observed, self.policy, decisions)
+        drains = []
+        for d in decisions:
+            if d.action == "add":
+                self._spawn(self._add(d))
+            elif d.action == "drain":
+                drains.append(d)
+            elif d.action == "undrain":
+                await self._undrain(d)
+            elif d.action == "remove":
+                self._spawn(self._remove(d))
+        if drains:
+            await self._drain(drains)
+        return decisions
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+
+    def event(self, kind: str, decision: Decision, **extra) -> None:
+        entry = {"time": round(time.time(), 3), "event": kind, "tier": decision.tier,
+                 "reason": decision.reason,
+                 "utilisation": {k: round(v, 4) for k, v in decision.utilisation.items()},
+                 **extra}
+        self.events.append(entry)
+        log.info("autoscale: %s %s %s (%s)", kind, decision.tier,
+                 extra.get("node", extra.get("count", "")), decision.reason)
+
+    # -- apply -------------------------------------------------------------------
+    async def _add(self, d: Decision) -> None:
+        c = self.controller
+        self.starting[d.tier] = self.starting.get(d.tier, 0) + d.count
+        self.event("scale_out", d, count=d.count)
+        try:
+            addresses = await asyncio.wait_for(
+                c.provider.start(d.tier, d.count, c.profiles[d.tier], c.address),
+                c.provision_timeout)
+            new = await self._registered(addresses, time.monotonic() + c.provision_timeout)
+        except Exception as exc:
+            log.warning("autoscale: could not add %d %s nodes: %s", d.count, d.tier, exc)
+            self.event("add_failed", d, count=d.count, error=str(exc))
+            return
+        finally:
+            self.starting[d.tier] -= d.count
+            if not self.starting[d.tier]:
+                del self.starting[d.tier]
+        for node in new:
+            self.event("added", d, node=node.id, address=node.address)
+        await self.steer(d.tier, {n.id: 1.0 for n in new})
+
+    async def _registered(self, addresses: list[str], deadline: float) -> list["NodeRecord"]:
+        c = self.controller
+        while True:
+            found = {n.address: n for n in c.nodes.values()
+                     if n.role == "storage" and n.address in addresses}
+            if len(found) == len(addresses):
+                return [found[a] for a in addresses]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if found:
+                    return list(found.values())
+                raise TimeoutError(f"{len(addresses)} new nodes did not register")
+            event = c._joined
+            try:
+                await asyncio.wait_for(event.wait(), min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    def _headroom(self, tier: str) -> dict[str, float]:
+        c = self.controller
+        out = {}
+        for n in c._active("storage", tier):
+            load = c.ledger.nodes.get(n.id)
+            out[n.id] = node_headroom(NodeObservation(
+                n.id, tier, n.capacity, load.throughput if load else n.throughput, used=n.used,
+                net=n.net_in + n.net_out))
+        return out
+
+    async def steer(self, tier: str, new: dict[str, float]) -> None:
+        """Data steering: give running jobs of ``tier`` the ``new`` nodes, weighted by headroom."""
+        c = self.controller
+        new = {n: w for n, w in new.items() if n in c.nodes and c.nodes[n].state == "active"}
+        if not new:
+            return
+        room = self._headroom(tier)
+        jobs = [j for j in c.jobs.values() if j.state == "active" and j.tier == tier and j.weights]
+        for job in jobs:
+            job.weights = steer_weights(job.weights, new, room)
+        await self._push(jobs, "steer")
+
+    async def _push(self, jobs: list, why: str) -> None:
+        c = self.controller
+        calls = []
+        for job in jobs:
+            job.spill = c._spill_levels(job)
+            calls.append(c._md_request(job.metadata, Op.JOB_UPDATE, {
+                "job": job.id, "tok": job.token, **c._map_header(job)}))
+        for job, result in zip(jobs, await asyncio.gather(*calls, return_exceptions=True)):
+            if isinstance(result, BaseException):
+                log.warning("autoscale: could not %s job %s: %s", why, job.id, result)
+
+    async def _drain(self, decisions: list[Decision]) -> None:
+        c = self.controller
+        gone = set()
+        for d in decisions:
+            node = c.nodes.get(d.node)
+            if node is None or node.state != "active":
+                continue
+            node.state = "draining"
+            c.ledger.set_reserved(node.id, DRAINING)
+            gone.add(node.id)
+            self.event("draining", d, node=node.id, used=node.used)
+        if not gone:
+            return
+        jobs = [j for j in c.jobs.values() if j.state == "active" and gone & set(j.weights)]
+        for job in jobs:
+            job.weights = drain_weights(job.weights, gone, self._headroom(job.tier))
+        # Spill levels name other nodes of the tier too: refresh every active job.
+        await self._push([j for j in c.jobs.values() if j.state == "active"], "drain")
+        now = time.monotonic()
+        for node_id in gone:
+            if c.nodes.get(node_id) is not None and c.nodes[node_id].state == "draining":
+                self.drained_at[node_id] = now
+
+    async def _undrain(self, d: Decision) -> None:
+        c = self.controller
+        node = c.nodes.get(d.node)
+        if node is None or node.state != "draining":
+            return
+        node.state = "active"
+        c.ledger.set_reserved(node.id, None)
+        self.drained_at.pop(node.id, None)
+        self.empty_since.pop(node.id, None)
+        self.event("undrained", d, node=node.id)
+        await self.steer(d.tier, {node.id: self._headroom(d.tier).get(node.id, 1.0)})
+
+    async def _remove(self, d: Decision) -> None:
+        c = self.controller
+        node = c.nodes.get(d.node)
+        if node is None or node.state != "draining" or node.used != 0:
+            return
+        node.state = "removing"
+        self.event("removed", d, node=node.id, address=node.address)
+        try:
+            await c.provider.remove(node.address)
+        except Exception as exc:
+            log.warning("autoscale: could not remove %s: %s", node.id, exc)
+            node.state = "draining"
+
+    def describe(self) -> dict:
+        """Policy, what is starting, and the event log, for ``pocket status``."""
+        return {"enabled": True, "interval": self.interval, "policy": self.policy.describe(),
+                "starting": dict(self.starting), "ticks": self.ticks,
+                "events": list(self.events)}
