@@ -79,6 +79,7 @@ class Op:
     DELETE = 37
     MKDIR = 38
     LIST = 39
+    JOB_RENEW = 40
     # metadata: from the controller
     JOB_ADD = 50
     JOB_UPDATE = 51

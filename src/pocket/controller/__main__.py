@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pocket.controller",
                                      description="Run the Pocket controller.")
     common_arguments(parser, "127.0.0.1:7070")
-    parser.add_argument("--node-timeout", default=env_default("node_timeout", "5s"),
-                        help="drop a node after this long without heartbeats (default 5s)")
+    parser.add_argument("--node-timeout", default=env_default("node_timeout", "3s"),
+                        help="drop a node after this long without heartbeats (default 3s; a "
+                             "node whose heartbeat connection closes is dropped after 1.5s)")
     parser.add_argument("--profile", action="append", default=None, help=profile_help())
     parser.add_argument("--lambda-rate", default=env_default("lambda_rate", "600Mbps"),
                         help="throughput per lambda for the `lambdas` hint (default 600Mbps)")

@@ -35,6 +35,9 @@ from .provider import NodeProvider, NoProvider
 
 log = logging.getLogger("pocket.controller")
 
+#: A node whose heartbeat connection closed is dropped if no heartbeat comes within this.
+LINK_GRACE = 1.5
+
 
 @dataclass
 class NodeRecord:
@@ -84,7 +87,7 @@ class ControllerServer(Server):
     role = "controller"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7070, *,
-                 node_timeout: float = 5.0, profiles: Optional[dict[str, NodeProfile]] = None,
+                 node_timeout: float = 3.0, profiles: Optional[dict[str, NodeProfile]] = None,
                  planner: PlannerConfig = DEFAULT_CONFIG,
                  provider: Optional[NodeProvider] = None,
                  provision_timeout: float = 30.0,
@@ -184,6 +187,7 @@ class ControllerServer(Server):
         if node is None:
             raise NotFound("unknown node; register again")
         node.last_seen = time.monotonic()
+        conn.node_id = node.id  # type: ignore[attr-defined]  # see connection_closed
         node.used = int(h.get("used", node.used))
         node.capacity = int(h.get("capacity", node.capacity))
         node.cpu = float(h.get("cpu", 0.0))
@@ -206,7 +210,53 @@ class ControllerServer(Server):
         self._drop_md_conn(node.id)
         if node.role == "storage":
             self.ledger.remove_node(node.id)
+            self._drop_from_weight_maps(node.id)
             self._nodes_changed()
+
+    # -- node death (heartbeat link lost) ------------------------------------------
+    def connection_closed(self, conn: ServerConnection) -> None:
+        """A node's heartbeat connection closed: if it does not come back within
+        LINK_GRACE (its link reconnects within one heartbeat), it is dead (kill -9, crash):
+        drop it now rather than after --node-timeout."""
+        node_id = getattr(conn, "node_id", None)
+        if node_id in self.nodes and not self._stopping:
+            lost_at = time.monotonic()
+            asyncio.get_running_loop().call_later(LINK_GRACE, self._drop_if_silent, node_id,
+                                                  lost_at)
+
+    def _drop_if_silent(self, node_id: str, lost_at: float) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None and node.last_seen <= lost_at:
+            del self.nodes[node_id]
+            log.warning("%s server %s: heartbeat link lost and not back within %.1fs; dropped",
+                        node.role, node_id, LINK_GRACE)
+            self._forget_node(node)
+
+    def _drop_from_weight_maps(self, node_id: str) -> None:
+        """Take a dead node out of every active job's weight map (renormalised) and push
+        the new maps to the metadata servers (JOB_UPDATE), so puts stop trying it."""
+        updates = []
+        for job in self.jobs.values():
+            if job.state != "active" or node_id not in job.weights:
+                continue
+            rest = {n: w for n, w in job.weights.items() if n != node_id}
+            total = sum(rest.values())
+            job.weights = {n: w / total for n, w in rest.items()} if total > 0 else {}
+            job.spill = self._spill_levels(job)
+            updates.append((job, self._md_request(job.metadata, Op.JOB_UPDATE, {
+                "job": job.id, "tok": job.token, **self._map_header(job)})))
+        if updates:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            loop.create_task(self._send_map_updates(updates))
+
+    async def _send_map_updates(self, updates: list) -> None:
+        results = await asyncio.gather(*(u for _, u in updates), return_exceptions=True)
+        for (job, _), result in zip(updates, results):
+            if isinstance(result, BaseException):
+                log.warning("job %s: could not push its new weight map: %s", job.id, result)
 
     def _nodes_changed(self) -> None:
         """Storage nodes came or went: wake provisioning waiters, refresh spill maps soon."""
