@@ -85,10 +85,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="a missing capacity hint is throughput x this; a missing "
                              "throughput hint is capacity / this (default 111s)")
     parser.add_argument("--provider", default=env_default("provider", "none"),
-                        choices=("none", "local"),
+                        choices=("none", "local", "kubernetes"),
                         help="who starts storage nodes when a job's tier is short: none "
                              "(default: overcommit the existing nodes, with a warning) or local "
                              "(python -m pocket.storage processes on this machine)")
+    parser.add_argument("--k8s-statefulset", default=env_default("k8s_statefulset",
+                                                                 "pocket-storage"),
+                        help="kubernetes provider: the StatefulSet of storage servers to scale "
+                             "(default pocket-storage; see deploy/k8s/)")
+    parser.add_argument("--k8s-namespace", default=env_default("k8s_namespace", "default"),
+                        help="kubernetes provider: its namespace (default default)")
     parser.add_argument("--max-nodes", type=int, default=int(env_default("max_nodes", 8)),
                         help="most storage servers the local provider runs at once (default 8)")
     parser.add_argument("--node-dir", default=env_default("node_dir", None),
@@ -116,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         provider = make_provider(args.provider, **(
             {"max_nodes": args.max_nodes, "data_dir": args.node_dir, "host": host if host not in
              ("0.0.0.0", "::", "") else "127.0.0.1", "log_level": args.log_level}
-            if args.provider == "local" else {}))
+            if args.provider == "local" else
+            {"statefulset": args.k8s_statefulset, "namespace": args.k8s_namespace,
+             "max_nodes": args.max_nodes} if args.provider == "kubernetes" else {}))
         server = ControllerServer(host, port, node_timeout=parse_duration(args.node_timeout),
                                   profiles=profiles, planner=planner, provider=provider,
                                   provision_timeout=parse_duration(args.provision_timeout),

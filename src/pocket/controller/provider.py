@@ -12,7 +12,8 @@ The controller waits for the new nodes to register and then packs them.
 * :class:`LocalProvider` (``--provider local``): ``python -m pocket.storage``
   processes on this machine, at most ``--max-nodes`` of them.
 
-A Kubernetes provider would implement the same three methods.
+* :class:`KubernetesProvider` (``--provider kubernetes``): the pods of a
+  StatefulSet, scaled through the official ``kubernetes`` client.
 """
 
 from __future__ import annotations
@@ -251,4 +252,119 @@ def make_provider(name: str, **kwargs) -> NodeProvider:
         return NoProvider()
     if name == "local":
         return LocalProvider(**kwargs)
-    raise ValueError(f"unknown node provider {name!r} (none, local)")
+    if name in ("kubernetes", "k8s"):
+        return KubernetesProvider(**kwargs)
+    raise ValueError(f"unknown node provider {name!r} (none, local, kubernetes)")
+
+
+class KubernetesProvider:
+    """Storage servers as the pods of a StatefulSet, scaled through the Kubernetes API.
+
+    ``start`` raises the StatefulSet's replicas (``patch_namespaced_stateful_set_scale``)
+    and waits until the new pods (ordinals old..new-1) have an IP; the servers in them
+    listen on ``$(POD_IP):port`` (see ``deploy/k8s/storage.yaml``), so that is the
+    address they register from.  A StatefulSet removes its highest ordinal first, so
+    only that pod is offered for removal (:meth:`owns`); the autoscaler drains it,
+    waits until it is empty and then lowers replicas by one.
+
+    The official ``kubernetes`` client is imported lazily (``pip install
+    pocket-store[k8s]``); tests pass duck-typed ``apps``/``core`` API objects instead.
+    """
+
+    name = "kubernetes"
+
+    def __init__(self, *, statefulset: str = "pocket-storage", namespace: str = "default",
+                 tier: str = "dram", max_nodes: int = 8, port: int = 7071,
+                 selector: Optional[str] = None, apps=None, core=None,
+                 poll: float = 0.5, start_timeout: float = 120.0) -> None:
+        if apps is None or core is None:
+            try:
+                from kubernetes import client, config  # noqa: PLC0415 (optional dependency)
+            except ImportError:
+                raise ValueError("the kubernetes provider needs the kubernetes client: "
+                                 "pip install 'pocket-store[k8s]'") from None
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            apps = apps or client.AppsV1Api()
+            core = core or client.CoreV1Api()
+        self.apps, self.core = apps, core
+        self.statefulset, self.namespace, self.tier = statefulset, namespace, tier
+        self.max_nodes, self.port = max_nodes, port
+        self.selector = selector or f"app={statefulset}"
+        self.poll, self.start_timeout = poll, start_timeout
+        self.replicas = self._read_replicas()
+        #: ordinal → "ip:port" of the pods seen last.
+        self.pods: dict[int, str] = {}
+
+    def _read_replicas(self) -> int:
+        scale = self.apps.read_namespaced_stateful_set_scale(self.statefulset, self.namespace)
+        return int(scale.spec.replicas or 0)
+
+    def _scale(self, replicas: int) -> None:
+        self.apps.patch_namespaced_stateful_set_scale(
+            self.statefulset, self.namespace, {"spec": {"replicas": replicas}})
+        self.replicas = replicas
+
+    def _list_pods(self) -> dict[int, str]:
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.selector)
+        found = {}
+        prefix = self.statefulset + "-"
+        for pod in pods.items:
+            name = pod.metadata.name
+            if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+                continue
+            ip = getattr(pod.status, "pod_ip", None)
+            if ip and getattr(pod.status, "phase", "Running") == "Running":
+                found[int(name[len(prefix):])] = f"{ip}:{self.port}"
+        self.pods = found
+        return found
+
+    def available(self, tier: str) -> int:
+        return max(0, self.max_nodes - self.replicas) if tier == self.tier else 0
+
+    async def start(self, tier: str, count: int, profile: NodeProfile,
+                    controller: str) -> list[str]:
+        if count <= 0:
+            return []
+        if tier != self.tier or count > self.available(tier):
+            raise Unavailable(f"the kubernetes provider may add {self.available(tier)} more "
+                              f"{tier} nodes, not {count}")
+        old = self.replicas
+        await asyncio.to_thread(self._scale, old + count)
+        log.info("kubernetes: scaled statefulset %s/%s to %d", self.namespace, self.statefulset,
+                 old + count)
+        deadline = asyncio.get_running_loop().time() + self.start_timeout
+        wanted = range(old, old + count)
+        while True:
+            pods = await asyncio.to_thread(self._list_pods)
+            if all(i in pods for i in wanted):
+                return [pods[i] for i in wanted]
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(f"statefulset {self.statefulset}: pods "
+                                  f"{[i for i in wanted if i not in pods]} not running after "
+                                  f"{self.start_timeout:g}s")
+            await asyncio.sleep(self.poll)
+
+    def owns(self, address: str) -> bool:
+        top = self.replicas - 1
+        return top >= 0 and self.pods.get(top) == address
+
+    async def remove(self, address: str) -> None:
+        pods = await asyncio.to_thread(self._list_pods)
+        top = self.replicas - 1
+        if pods.get(top) != address:
+            raise Unavailable(f"{address} is not the highest pod of statefulset "
+                              f"{self.statefulset}; a StatefulSet removes only that one")
+        await asyncio.to_thread(self._scale, top)
+        log.info("kubernetes: scaled statefulset %s/%s down to %d (removed %s)", self.namespace,
+                 self.statefulset, top, address)
+
+    async def stop(self) -> None:
+        return None  # the StatefulSet outlives the controller
+
+    def describe(self) -> dict:
+        return {"name": self.name, "statefulset": self.statefulset,
+                "namespace": self.namespace, "tier": self.tier, "replicas": self.replicas,
+                "max_nodes": self.max_nodes}
