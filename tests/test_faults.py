@@ -305,3 +305,87 @@ def test_link_stalls_or_resets_mid_frame(cluster, mode: str) -> None:
     assert job.get("x") == data  # the server and other connections are fine
     job.deregister()
     cl.close()
+
+
+# -- job leases and graceful shutdown ---------------------------------------------------------
+
+DRIVER = """
+import os, sys, time, pocket
+cl = pocket.connect(sys.argv[1])
+job = cl.register_job("orphan")
+job.put("tmp", b"t" * 300_000)
+job.put("kept", b"k" * 300_000, persist=True)
+print(job.id, job.token, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_job_of_a_dead_driver_is_reclaimed_when_its_lease_expires(make_cluster) -> None:
+    import subprocess
+    import sys
+    c = make_cluster(dram=1, capacity="64MiB", metadata_args=("--job-lease", "2s"))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, c.address], stdout=subprocess.PIPE,
+                              text=True)
+    job_id, token = driver.stdout.readline().split()
+    with pocket.connect(c.address) as cl:
+        live = cl.register_job("live")  # its handle renews the lease while the test idles
+        live.put("x", b"x" * 300_000)
+        time.sleep(2.5)  # the driver is alive and renewing: nothing is reclaimed
+        assert pocket.attach(job_id, token, c.address).get("tmp") == b"t" * 300_000
+        driver.kill()  # kill -9: no deregistration
+        driver.wait(5)
+        t = time.monotonic()
+        assert wait_for(lambda: _job_state(c, job_id) == "expired", 6.0)
+        print(f"reclaimed {time.monotonic() - t:.1f}s after the driver's death (lease 2s)")
+        orphan = pocket.attach(job_id, token, c.address)
+        with pytest.raises(pocket.NotFound):
+            orphan.get("tmp")  # freed
+        assert orphan.get("kept") == b"k" * 300_000  # persisted: kept
+        with pytest.raises(pocket.AccessDenied):
+            orphan.put("new", b"n")
+        orphan.close()
+        assert live.get("x") == b"x" * 300_000  # the live job kept its data
+        live.deregister()
+
+
+def _job_state(c, job_id: str):
+    for j in c.status()["jobs"]:
+        if j["id"] == job_id:
+            return j["state"]
+    return None
+
+
+def test_sigterm_finishes_in_flight_requests_and_leaves_the_controller(make_cluster) -> None:
+    c = make_cluster(dram=2, capacity="64MiB")
+    with pocket.connect(c.address, timeout=10.0) as cl:
+        job = cl.register_job("graceful")
+        data = os.urandom(4 << 20)
+        errors: list = []
+        done = threading.Event()
+
+        def writer() -> None:
+            i = 0
+            while not done.is_set():
+                try:
+                    job.put(f"w{i % 4}", data)
+                except pocket.PocketError as exc:
+                    errors.append(exc)
+                i += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.3)
+        victim = [p for p in c.processes if p.role == "storage"][0]
+        victim_id = storage_nodes(c)[victim.address]
+        victim.process.send_signal(signal.SIGTERM)
+        assert victim.process.wait(10) == 0
+        # It said goodbye: gone from the controller at once, not after a timeout.
+        assert victim_id not in {n["id"] for n in c.status()["nodes"]}
+        time.sleep(0.3)
+        done.set()
+        t.join(10)
+        # Puts in flight on it finished or failed cleanly; later ones used the other node.
+        assert all(isinstance(e, pocket.Unavailable) for e in errors), errors[:3]
+        job.put("after", data)
+        assert job.get("after") == data
+        job.deregister()

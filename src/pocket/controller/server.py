@@ -197,7 +197,23 @@ class ControllerServer(Server):
             if key in h:
                 node.info[key] = h[key]
         self.ledger.set_capacity(node.id, node.capacity)
+        if node.role == "metadata" and isinstance(h.get("jobs"), dict):
+            self._end_lapsed_jobs(node.id, h["jobs"])
         return None
+
+    def _end_lapsed_jobs(self, md_id: str, jobs: dict) -> None:
+        """Jobs their metadata server reclaimed (lease expired: the driver died without
+        deregistering) end here too: their allocation goes back, their cost stops."""
+        for job_id, info in jobs.items():
+            job = self.jobs.get(job_id)
+            if (job is not None and job.state == "active" and job.metadata == md_id and
+                    isinstance(info, dict) and info.get("active") is False):
+                self.ledger.release(job.id)
+                job.usage.ended = time.monotonic()
+                job.state = "expired"
+                job.deregistered = time.time()
+                log.warning("job %s: its lease expired on metadata server %s; allocation "
+                            "released", job.id, md_id)
 
     def handle_node_leave(self, conn: ServerConnection, frame: Frame) -> None:
         node = self.nodes.pop(frame.header["node"], None)
