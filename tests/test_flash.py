@@ -167,3 +167,17 @@ def test_concurrent_writes_beyond_the_write_buffer_all_complete(data_dir: str) -
         assert not errors, errors
         for i in range(6):
             assert job.get(f"w{i}") == bytes([i]) * (24 << 20)
+
+
+def test_aligned_buffer_pool_reuses_and_bounds() -> None:
+    from pocket.storage.flash import AlignedBufferPool
+
+    pool = AlignedBufferPool(limit=3 << 20, smallest=64 << 10)
+    a = pool.take(1_000_000)
+    assert len(a) == 1 << 20 and pool.size_class(1) == 64 << 10
+    pool.give(a)
+    assert pool.take(600_000) is a  # same class, reused warm
+    bufs = [pool.take(1 << 20) for _ in range(5)]
+    for b in bufs:
+        pool.give(b)
+    assert pool.pooled == 3 << 20  # the rest were dropped

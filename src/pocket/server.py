@@ -29,6 +29,9 @@ log = logging.getLogger("pocket.server")
 
 Handler = Callable[["ServerConnection", Frame], Any]
 
+#: Returned by an async handler that has already sent its reply itself.
+REPLIED = object()
+
 
 class ServerConnection(asyncio.BufferedProtocol):
     """One accepted connection: feeds the codec, dispatches frames, sends replies."""
@@ -217,7 +220,8 @@ class Server:
         except Exception as exc:
             conn.reply_error(frame, self._as_request_error(frame, exc))
         else:
-            conn.reply(frame, result)
+            if result is not REPLIED:
+                conn.reply(frame, result)
 
     def _as_request_error(self, frame: Frame, exc: Exception) -> PocketError:
         if isinstance(exc, PocketError) and not isinstance(exc, ProtocolError):

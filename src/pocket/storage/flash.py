@@ -46,6 +46,42 @@ def aligned_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, max(round_up(size), ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
+class AlignedBufferPool:
+    """Reusable page-aligned buffers in power-of-two size classes.
+
+    A fresh anonymous mapping costs a page fault (and a zeroed page) per
+    4 KiB the first time it is touched: for a 16 MiB extent that is 4,096
+    faults per request.  Buffers handed back are kept, up to ``limit`` bytes
+    in all, and the next request of the same class reuses them warm.
+    """
+
+    def __init__(self, limit: int = 128 << 20, smallest: int = 64 << 10) -> None:
+        self.limit = limit
+        self.smallest = smallest
+        self.pooled = 0
+        self._free: dict[int, list[mmap.mmap]] = {}
+
+    def size_class(self, size: int) -> int:
+        return max(self.smallest, 1 << (max(size, 1) - 1).bit_length())
+
+    def take(self, size: int) -> mmap.mmap:
+        """A buffer of at least ``size`` bytes (its contents are arbitrary)."""
+        cls = self.size_class(size)
+        free = self._free.get(cls)
+        if free:
+            self.pooled -= cls
+            return free.pop()
+        return aligned_buffer(cls)
+
+    def give(self, buf: mmap.mmap) -> None:
+        """Return a buffer from :meth:`take`; dropped if the pool is full."""
+        cls = len(buf)
+        if cls != self.size_class(cls) or self.pooled + cls > self.limit:
+            return
+        self._free.setdefault(cls, []).append(buf)
+        self.pooled += cls
+
+
 def filesystem_type(path: str) -> Optional[int]:
     """The ``f_type`` magic of the filesystem holding ``path`` (Linux statfs), or None."""
     libc_name = ctypes.util.find_library("c") or "libc.so.6"
@@ -123,6 +159,7 @@ class FlashDevice:
             raise ValueError(f"cannot preallocate {capacity} bytes in {self.directory}: "
                              f"{exc.strerror}") from None
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix=f"pocket-{tier}-io")
+        self.buffers = AlignedBufferPool()
         self.bytes_read = 0
         self.bytes_written = 0
         log.info("%s: data file %s (%d bytes, %s) created empty: flash tiers are ephemeral, "
@@ -178,7 +215,7 @@ class FlashDevice:
         """Read ``length`` bytes at ``offset`` (any alignment) into a fresh aligned buffer."""
         start = round_down(offset)
         end = round_up(offset + length)
-        buf = aligned_buffer(end - start)
+        buf = self.buffers.take(end - start)
         view = memoryview(buf)
         await asyncio.get_running_loop().run_in_executor(
             self._pool, self._pread_all, view[:end - start], start)

@@ -19,9 +19,9 @@ from typing import Optional, Union
 from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
-from ..server import Server, ServerConnection
+from ..server import REPLIED, Server, ServerConnection
 from .allocator import BlockAllocator
-from .flash import ALIGN, FlashDevice, aligned_buffer
+from .flash import ALIGN, FlashDevice
 
 log = logging.getLogger("pocket.storage")
 
@@ -223,7 +223,7 @@ class StorageServer(Server):
             except Exception:
                 return None  # received into a scratch buffer; the handler reports why
             # Flash: receive into a page-aligned buffer that goes to the device as is.
-            return memoryview(aligned_buffer(size))[:size]
+            return memoryview(self.device.buffers.take(size))[:size]
         if size > 0:
             raise InvalidRequest("only EXT_WRITE carries a payload")
         return None
@@ -257,6 +257,7 @@ class StorageServer(Server):
             start = self._extent_offset(frame.header, size, "w")
             await self.device.write(start, frame.payload)
         finally:
+            self.device.buffers.give(frame.payload.obj)
             self.flash_inflight -= size
             if self._paused and self.flash_inflight <= self.write_buffer:
                 for conn in self._paused:
@@ -270,12 +271,28 @@ class StorageServer(Server):
     def handle_read(self, conn: ServerConnection, frame: Frame):
         h = frame.header
         if self.flash:
-            return self._read_flash(h)
+            return self._read_flash(conn, frame)
         return None, self._extent_view(h, h["len"])
 
-    async def _read_flash(self, h: dict):
+    async def _read_flash(self, conn: ServerConnection, frame: Frame):
+        h = frame.header
         start = self._extent_offset(h, h["len"])
-        return None, await self.device.read(start, h["len"])
+        view = await self.device.read(start, h["len"])
+        conn.reply(frame, (None, view))
+        # The transport may still hold the buffer; hand it back to the pool
+        # once everything written on this connection has left (FIFO).
+        self._recycle_when_sent(conn, view.obj, 0)
+        return REPLIED
+
+    def _recycle_when_sent(self, conn: ServerConnection, buf, tries: int) -> None:
+        transport = conn.transport
+        if transport is None or transport.is_closing() or tries > 200:
+            return  # left to the garbage collector
+        if transport.get_write_buffer_size() == 0:
+            self.device.buffers.give(buf)
+        else:
+            asyncio.get_running_loop().call_later(0.002, self._recycle_when_sent, conn, buf,
+                                                  tries + 1)
 
     def handle_free(self, conn: ServerConnection, frame: Frame) -> dict:
         ids = frame.header["ext"]
