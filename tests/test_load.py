@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -29,15 +31,16 @@ CLIENT = """
 import asyncio, os, sys, time
 import pocket.aio
 
-async def one(i, job_id, token, controller, rounds):
+async def one(i, job_id, token, controller, rounds, stored, ready):
     job = await pocket.aio.attach(job_id, token, controller, timeout=60)
     data = os.urandom(100_000) + i.to_bytes(4, "little")
     try:
         for r in range(rounds):
             name = f"{os.getpid()}-{i}"
             await job.put(name, data)
-            if r == 0:
-                await asyncio.sleep(3)  # hold the connections open: all 1,000 at once
+            if r == 0:  # hold the connections open until every process's clients are in
+                stored.append(i)
+                await ready.wait()
             for _ in range(3):
                 if await job.get(name) != data:
                     raise AssertionError("wrong bytes")
@@ -48,13 +51,25 @@ async def one(i, job_id, token, controller, rounds):
     finally:
         await job.close()
 
-async def main(controller, job_id, token, clients, rounds):
-    t = time.monotonic()
-    errors = sum(await asyncio.gather(*(one(i, job_id, token, controller, rounds)
-                                        for i in range(clients))))
-    print(errors, round(time.monotonic() - t, 2), flush=True)
+async def barrier(clients, stored, ready, directory, processes):
+    deadline = time.monotonic() + 120
+    while len(stored) < clients and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    open(os.path.join(directory, str(os.getpid())), "w").close()
+    while len(os.listdir(directory)) < processes and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # the parent samples the connection count meanwhile
+    ready.set()
 
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+async def main(controller, job_id, token, clients, rounds, directory, processes):
+    t = time.monotonic()
+    stored, ready = [], asyncio.Event()
+    tasks = [one(i, job_id, token, controller, rounds, stored, ready) for i in range(clients)]
+    results = await asyncio.gather(barrier(clients, stored, ready, directory, processes), *tasks)
+    print(sum(results[1:]), round(time.monotonic() - t, 2), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+                 sys.argv[6], int(sys.argv[7])))
 """
 
 
@@ -77,8 +92,10 @@ def test_thousand_connections_on_one_storage_server(make_cluster, many_files) ->
         job = cl.register_job("load")
         rss0 = psutil.Process(storage.pid).memory_info().rss
         t = time.monotonic()
+        barrier_dir = tempfile.mkdtemp(prefix="pocket-load-")
         procs = [subprocess.Popen([sys.executable, "-c", CLIENT, c.address, job.id, job.token,
-                                   str(CLIENTS), str(ROUNDS)], stdout=subprocess.PIPE,
+                                   str(CLIENTS), str(ROUNDS), barrier_dir, str(PROCESSES)],
+                                  stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(PROCESSES)]
         peak_conns = 0
         while any(p.poll() is None for p in procs) and time.monotonic() - t < 240:
@@ -88,6 +105,7 @@ def test_thousand_connections_on_one_storage_server(make_cluster, many_files) ->
                 pass
             time.sleep(0.2)
         results = [p.communicate(timeout=30) for p in procs]
+        shutil.rmtree(barrier_dir, ignore_errors=True)
         took = time.monotonic() - t
         rss1 = psutil.Process(storage.pid).memory_info().rss
         errors = sum(int(out.split()[0]) for out, _ in results)
@@ -97,7 +115,7 @@ def test_thousand_connections_on_one_storage_server(make_cluster, many_files) ->
               f"storage connections, storage RSS {rss0 >> 20} -> {rss1 >> 20} MiB")
         assert peak_conns >= 900  # they really were concurrent
         stored = PROCESSES * CLIENTS * 100_004
-        # The data, a receive buffer per connection (256 KiB) and the freed-page slack: bounded.
+        # The data, a receive buffer per connection (96 KiB) and the freed-page slack: bounded.
         assert rss1 - rss0 < stored + PROCESSES * CLIENTS * (320 << 10) + (128 << 20)
         job.deregister()
 

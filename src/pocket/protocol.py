@@ -198,7 +198,7 @@ class FrameReader:
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, sink: Optional[Sink] = None,
-                 buffer_size: int = 256 * 1024, direct_threshold: int = 64 * 1024) -> None:
+                 buffer_size: int = 96 * 1024, direct_threshold: int = 64 * 1024) -> None:
         if buffer_size < FIXED_SIZE + direct_threshold:
             raise ValueError("buffer_size must hold a fixed header plus direct_threshold")
         self.limits = limits
