@@ -79,7 +79,7 @@ def cost_table() -> list[dict]:
 
 def print_cost_table(rows: list[dict]) -> bool:
     print("Normalized cost ($/hour of the allocation ÷ the no-hint allocation's) by hint level")
-    print(f"profiles: " + "; ".join(f"{t} {p.instance} {p.capacity / GB:g} GB "
+    print("profiles: " + "; ".join(f"{t} {p.instance} {p.capacity / GB:g} GB "
                                      f"{p.throughput * 8 / 1e9:g} Gb/s ${p.price}/h"
                                      for t, p in DEFAULT_PROFILES.items()))
     c = DEFAULT_CONFIG

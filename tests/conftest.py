@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Callable, Iterator
 
 import pytest
 
 import pocket
 from pocket.local import LocalCluster
+from pocket.storage.flash import (MEMORY_FILESYSTEMS, DirectIOUnsupported, filesystem_type,
+                                  probe_direct_io)
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +53,21 @@ def job(client: pocket.Cluster, request: pytest.FixtureRequest) -> Iterator[pock
         j.deregister()
     except pocket.PocketError:
         pass
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A directory on the real disk (never tmpfs) for flash data files, one per test module.
+
+    Skips the module's flash tests where no O_DIRECT-capable directory exists.
+    """
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    path = str(tmp_path_factory.mktemp(name))
+    if filesystem_type(path) in MEMORY_FILESYSTEMS:  # /tmp is tmpfs here: use the checkout
+        path = tempfile.mkdtemp(prefix=f".pocket-{name}-", dir=os.getcwd())
+    try:
+        probe_direct_io(path)
+    except DirectIOUnsupported as exc:
+        pytest.skip(f"no O_DIRECT-capable directory: {exc}")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

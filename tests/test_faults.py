@@ -5,37 +5,19 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 
 import pytest
 
 import pocket
-from pocket.connection import BlockingConnection
 from pocket.protocol import Op
-from pocket.storage.flash import MEMORY_FILESYSTEMS, DirectIOUnsupported, filesystem_type, \
-    probe_direct_io
 
 from helpers import wait_for
 
 BIG = 300_000
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("faults"))
-    if filesystem_type(path) in MEMORY_FILESYSTEMS:
-        path = tempfile.mkdtemp(prefix=".pocket-faults-", dir=os.getcwd())
-    try:
-        probe_direct_io(path)
-    except DirectIOUnsupported as exc:
-        pytest.skip(f"no O_DIRECT-capable directory: {exc}")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def get_header(job: pocket.Job, name: str) -> dict:

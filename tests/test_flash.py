@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
 
 import pocket
 from pocket.local import LocalCluster
-from pocket.storage.flash import (MEMORY_FILESYSTEMS, DirectIOUnsupported, filesystem_type,
-                                  probe_direct_io)
+from pocket.storage.flash import (MEMORY_FILESYSTEMS, filesystem_type)
 
 from helpers import storage_used, wait_for
 
 ODD_SIZES = [65_537, 100_003, (1 << 20) + 7, 4096 * 33 + 1, (9 << 20) + 511]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    """A directory on the real disk (not tmpfs) for the data files."""
-    path = str(tmp_path_factory.mktemp("flash"))
-    if filesystem_type(path) in MEMORY_FILESYSTEMS:  # /tmp is tmpfs here: use the checkout
-        path = tempfile.mkdtemp(prefix=".pocket-flash-", dir=os.getcwd())
-    try:
-        probe_direct_io(path)
-    except DirectIOUnsupported as exc:
-        pytest.skip(f"no O_DIRECT-capable directory: {exc}")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

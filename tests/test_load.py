@@ -20,8 +20,7 @@ import psutil
 import pytest
 
 import pocket
-from pocket.connection import BlockingConnection
-from pocket.protocol import FIXED, FLAG_ERROR, Op, encode_frame
+from pocket.protocol import FIXED, Op, encode_frame
 
 PROCESSES = 4
 CLIENTS = 250  # per process: 1,000 connections to the storage server in all

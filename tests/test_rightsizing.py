@@ -5,36 +5,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 import pocket
 from pocket.local import LocalCluster
-from pocket.storage.flash import (MEMORY_FILESYSTEMS, DirectIOUnsupported, filesystem_type,
-                                  probe_direct_io)
 
 from helpers import wait_for
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    """A directory on the real disk (not tmpfs) for flash data files."""
-    path = str(tmp_path_factory.mktemp("rightsizing"))
-    if filesystem_type(path) in MEMORY_FILESYSTEMS:  # /tmp is tmpfs here: use the checkout
-        path = tempfile.mkdtemp(prefix=".pocket-rightsizing-", dir=os.getcwd())
-    try:
-        probe_direct_io(path)
-    except DirectIOUnsupported as exc:
-        pytest.skip(f"no O_DIRECT-capable directory: {exc}")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

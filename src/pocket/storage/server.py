@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound
+from ..errors import AccessDenied, InvalidRequest, NotFound
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
 from ..server import REPLIED, Server, ServerConnection
