@@ -227,3 +227,23 @@ def test_dram_residency_follows_stored_bytes(make_cluster) -> None:
     for i in range(32):
         job.delete(f"o{i}")
     assert wait_for(lambda: storage.memory_info().rss - base < 32 << 20, timeout=10)
+
+
+def test_peer_stalled_mid_frame_is_cut_off(make_cluster) -> None:
+    from pocket.protocol import FIXED, MAGIC, VERSION
+
+    c = make_cluster(dram=1, capacity="16MiB", storage_args=("--frame-timeout", "1s"))
+    storage = next(p for p in c.processes if p.role == "storage")
+    host, port = storage.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(FIXED.pack(MAGIC, VERSION, Op.PING, 0, 1, 0, 0)[:12])  # half a header
+        t0 = time.monotonic()
+        try:
+            assert s.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        assert 0.9 < time.monotonic() - t0 < 5
+    with socket.create_connection((host, int(port)), timeout=10) as idle:  # idle between frames
+        time.sleep(2)
+        idle.sendall(FIXED.pack(MAGIC, VERSION, Op.PING, 0, 1, 0, 0))
+        assert len(idle.recv(100)) >= FIXED.size  # still open: only stalled frames are cut

@@ -43,6 +43,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.peer = "?"
         #: Reply parts collected while a batch of pipelined requests is dispatched.
         self._batch: Optional[list] = None
+        #: When bytes last arrived (a peer stalled mid-frame is cut off).
+        self.last_data = time.monotonic()
 
     def _sink(self, opcode: int, flags: int, rid: int, header: dict, size: int):
         return self.server.sink(self, opcode, flags, rid, header, size)
@@ -65,6 +67,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         server = self.server
         server.bytes_in += nbytes
+        self.last_data = time.monotonic()
         reader = self.reader
         try:
             reader.buffer_updated(nbytes)
@@ -163,6 +166,9 @@ class Server:
         self.started_at = time.monotonic()
         self._server: Optional[asyncio.base_events.Server] = None
         self._stopping = False
+        #: A connection holding part of a frame with no new bytes for this long is closed.
+        self.frame_timeout = 60.0
+        self._sweeper_task: Optional[asyncio.Task] = None
         #: The cluster key: configured (``use_secret``), made by the controller, or
         #: received from it at registration (loopback clusters); None until then.
         self.key: Optional[ClusterKey] = None
@@ -241,13 +247,31 @@ class Server:
             lambda: ServerConnection(self), self.host, self.port, reuse_address=True)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
+        self._sweeper_task = loop.create_task(self._cut_stalled_frames())
         await self.on_start()
+
+    def stalled(self, now: float) -> list[ServerConnection]:
+        """Connections holding part of a frame with no bytes for ``frame_timeout`` seconds
+        (a peer that is paused by our backpressure is not stalled)."""
+        return [c for c in self.connections
+                if c.reader.buffered and now - c.last_data > self.frame_timeout
+                and c.transport is not None and c.transport.is_reading()]
+
+    async def _cut_stalled_frames(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, min(5.0, self.frame_timeout / 4)))
+            for conn in self.stalled(time.monotonic()):
+                log.warning("%s: closing connection from %s: no bytes for %.0fs in the middle "
+                            "of a frame", self.role, conn.peer, self.frame_timeout)
+                conn.transport.abort()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight requests finish (up to ``grace`` s), close."""
         if self._stopping:
             return
         self._stopping = True
+        if self._sweeper_task is not None:
+            self._sweeper_task.cancel()
         if self._server is not None:
             self._server.close()
         if self.tasks:
@@ -282,6 +306,9 @@ def common_arguments(parser: argparse.ArgumentParser, default_listen: str) -> No
                              "storage servers (env POCKET_SECRET_FILE, or the secret itself in "
                              "POCKET_SECRET); required to listen on a non-loopback address; "
                              "without one, loopback servers get a key from the controller")
+    parser.add_argument("--frame-timeout", default=env_default("frame_timeout", "60s"),
+                        help="close a connection that stops sending in the middle of a frame "
+                             "for this long (default 60s)")
     parser.add_argument("--log-level", default=env_default("log_level", "INFO"),
                         help="DEBUG, INFO, WARNING or ERROR (default INFO, env POCKET_LOG_LEVEL)")
 

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_secret(server, args.secret_file)
     except ValueError as exc:
         parser.error(str(exc))
+    server.frame_timeout = parse_duration(args.frame_timeout)
     return run_server(server)
 
 
