@@ -99,6 +99,9 @@ class ControllerLink:
 
     def _signed_registration(self) -> dict:
         fields = self.registration()
+        metrics = getattr(self.server, "metrics_address", None)
+        if metrics is not None:  # where Prometheus scrapes this node (``pocket status``)
+            fields["metrics"] = metrics
         key = getattr(self.server, "key", None)
         if key is not None and not key.generated:  # prove we hold the configured secret
             fields["auth"] = key.sign(Op.NODE_REGISTER, fields.get("role"), fields.get("addr"))

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from time import perf_counter
 from typing import Any, Callable, Optional
 
 from .errors import InvalidRequest, PocketError, ProtocolError
@@ -126,6 +127,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             header, payload = None, None
         elif isinstance(result, tuple):
             header, payload = result
+            metrics = self.server.metrics
+            if metrics is not None and payload is not None:
+                metrics.bytes_out[frame.opcode] += len(payload)
         else:
             header, payload = result, None
         self.send(encode_frame(frame.opcode, frame.request_id, header, payload, FLAG_REPLY))
@@ -164,6 +168,13 @@ class Server:
         self.requests = 0
         self.protocol_errors = 0
         self.started_at = time.monotonic()
+        #: ``--metrics-port``: None (off), 0 (a free port) or a port; set before :meth:`start`.
+        self.metrics_port: Optional[int] = None
+        #: Request counters (a ``pocket.metrics.RequestMetrics``) while metrics are on, else None.
+        self.metrics: Any = None
+        #: ``host:port`` of the Prometheus exporter once started.
+        self.metrics_address: Optional[str] = None
+        self._metrics_http: Any = None
         self._server: Optional[asyncio.base_events.Server] = None
         self._stopping = False
         #: A connection holding part of a frame with no new bytes for this long is closed.
@@ -200,34 +211,59 @@ class Server:
     def handle_ping(self, conn: ServerConnection, frame: Frame) -> dict:
         return {"role": self.role}
 
+    def metric_gauges(self) -> list:
+        """The role's own gauges for a Prometheus scrape (runs in the exporter's thread: read
+        only ints and ``len()`` of containers here): a list of ``(name, help, label names,
+        [(label values, value), ...])``."""
+        return []
+
     # -- dispatch ------------------------------------------------------------
     def dispatch(self, conn: ServerConnection, frame: Frame) -> None:
         self.requests += 1
+        metrics = self.metrics  # None unless --metrics-port: then plain list increments only
+        started = perf_counter() if metrics is not None else 0.0
         handler = self.handlers.get(frame.opcode)
         if handler is None or frame.flags & FLAG_REPLY:
             conn.reply_error(frame, InvalidRequest(
                 f"{self.role} does not handle opcode {frame.opcode}"))
+            if metrics is not None:
+                metrics.errors[frame.opcode] += 1
+                metrics.record(frame.opcode, len(frame.payload), perf_counter() - started)
             return
         try:
             result = handler(conn, frame)
         except Exception as exc:
             conn.reply_error(frame, self._as_request_error(frame, exc))
+            if metrics is not None:
+                metrics.errors[frame.opcode] += 1
+                metrics.record(frame.opcode, len(frame.payload), perf_counter() - started)
             return
         if asyncio.iscoroutine(result):
-            task = asyncio.get_running_loop().create_task(self._finish(conn, frame, result))
+            task = asyncio.get_running_loop().create_task(
+                self._finish(conn, frame, result, started))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         else:
             conn.reply(frame, result)
+            if metrics is not None:
+                metrics.record(frame.opcode, len(frame.payload), perf_counter() - started)
 
-    async def _finish(self, conn: ServerConnection, frame: Frame, coro: Any) -> None:
+    async def _finish(self, conn: ServerConnection, frame: Frame, coro: Any,
+                      started: float = 0.0) -> None:
+        failed = False
         try:
             result = await coro
         except Exception as exc:
+            failed = True
             conn.reply_error(frame, self._as_request_error(frame, exc))
         else:
             if result is not REPLIED:
                 conn.reply(frame, result)
+        metrics = self.metrics
+        if metrics is not None:
+            if failed:
+                metrics.errors[frame.opcode] += 1
+            metrics.record(frame.opcode, len(frame.payload), perf_counter() - started)
 
     def _as_request_error(self, frame: Frame, exc: Exception) -> PocketError:
         if isinstance(exc, PocketError) and not isinstance(exc, ProtocolError):
@@ -247,8 +283,23 @@ class Server:
             lambda: ServerConnection(self), self.host, self.port, reuse_address=True)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
+        if self.metrics_port is not None:
+            self._start_metrics()
         self._sweeper_task = loop.create_task(self._cut_stalled_frames())
         await self.on_start()
+
+    def _start_metrics(self) -> None:
+        """Start counting requests and serve them to Prometheus on ``metrics_port``."""
+        from .metrics import RequestMetrics, start_exporter
+        try:
+            self._metrics_http, self.metrics_address = start_exporter(
+                self, self.host, self.metrics_port or 0)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on "
+                          f"{format_address(self.host, self.metrics_port or 0)}: "
+                          f"{exc.strerror}") from None
+        self.metrics = RequestMetrics()
+        log.info("%s: Prometheus metrics on http://%s/metrics", self.role, self.metrics_address)
 
     def stalled(self, now: float) -> list[ServerConnection]:
         """Connections holding part of a frame with no bytes for ``frame_timeout`` seconds
@@ -287,6 +338,10 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
             except (asyncio.TimeoutError, Exception):
                 pass
+        if self._metrics_http is not None:
+            from .metrics import stop_exporter
+            httpd, self._metrics_http = self._metrics_http, None
+            await asyncio.get_running_loop().run_in_executor(None, stop_exporter, httpd)
 
 
 # -- command-line plumbing shared by the three roles ---------------------------
@@ -311,6 +366,24 @@ def common_arguments(parser: argparse.ArgumentParser, default_listen: str) -> No
                              "for this long (default 60s)")
     parser.add_argument("--log-level", default=env_default("log_level", "INFO"),
                         help="DEBUG, INFO, WARNING or ERROR (default INFO, env POCKET_LOG_LEVEL)")
+    parser.add_argument("--metrics-port", type=parse_metrics_port,
+                        default=env_default("metrics_port", None),
+                        help="serve Prometheus metrics over HTTP on this port of the listen "
+                             "host, 0 picks a free one (printed with the listening address); "
+                             "default off (env POCKET_METRICS_PORT)")
+
+
+def parse_metrics_port(text: Any) -> Optional[int]:
+    """``--metrics-port``: None for off (also ``off``, ``none`` or empty), else 0..65535."""
+    if text is None or str(text).strip().lower() in ("", "off", "none"):
+        return None
+    try:
+        port = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
 
 
 def configure_secret(server: Server, secret_file: Optional[str]) -> None:
@@ -340,6 +413,8 @@ def run_server(server: Server, announce: Callable[[Server], str] | None = None) 
             loop.add_signal_handler(sig, stop.set)
         await server.start()
         line = announce(server) if announce else f"pocket {server.role} listening on {server.address}"
+        if server.metrics_address is not None:
+            line += f" (metrics on {server.metrics_address})"
         print(line, flush=True)
         await stop.wait()
         log.info("%s: shutting down", server.role)

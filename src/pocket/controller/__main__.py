@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     server.frame_timeout = parse_duration(args.frame_timeout)
+    server.metrics_port = args.metrics_port
     return run_server(server)
 
 

@@ -545,7 +545,7 @@ class ControllerServer(Server):
                      "state": n.state, "capacity": n.capacity, "used": n.used,
                      "cpu": round(n.cpu, 3), "net_in": round(n.net_in),
                      "net_out": round(n.net_out), "age": round(now - n.last_seen, 2),
-                     **{k: n.info[k] for k in ("dev_read", "dev_write", "direct_io")
+                     **{k: n.info[k] for k in ("dev_read", "dev_write", "direct_io", "metrics")
                         if k in n.info}}
             load = self.ledger.nodes.get(n.id)
             if load is not None:
@@ -568,12 +568,33 @@ class ControllerServer(Server):
                          "objects": usage.get("objects", 0), "bytes": usage.get("bytes", 0),
                          **self._cost_fields(j)})
         return {"controller": self.address, "nodes": nodes, "jobs": jobs,
+                **({"metrics": self.metrics_address} if self.metrics_address else {}),
                 "provider": self.provider.describe(),
                 "autoscale": (self.autoscaler.describe() if self.autoscaler is not None
                               else {"enabled": False}),
                 "profiles": {t: {"instance": p.instance, "capacity": p.capacity,
                                  "throughput": p.throughput, "price": p.price}
                              for t, p in self.profiles.items()}}
+
+    def metric_gauges(self) -> list:
+        counts: dict[tuple[str, str, str], int] = {}
+        used: dict[str, int] = {}
+        capacity: dict[str, int] = {}
+        for n in list(self.nodes.values()):  # a copy: the event loop may change the dict
+            key = (n.role, n.tier, n.state)
+            counts[key] = counts.get(key, 0) + 1
+            used[n.tier] = used.get(n.tier, 0) + n.used
+            capacity[n.tier] = capacity.get(n.tier, 0) + n.capacity
+        jobs = sum(1 for j in list(self.jobs.values()) if j.state == "active")
+        return [
+            ("pocket_controller_nodes", "Registered nodes by role, tier and state",
+             ("role", "tier", "state"), [(k, v) for k, v in sorted(counts.items())]),
+            ("pocket_controller_used_bytes", "Bytes stored per tier, from heartbeats",
+             ("tier",), [((t,), v) for t, v in sorted(used.items())]),
+            ("pocket_controller_capacity_bytes", "Capacity per tier, from heartbeats",
+             ("tier",), [((t,), v) for t, v in sorted(capacity.items())]),
+            ("pocket_controller_jobs", "Active jobs", (), [((), jobs)]),
+        ]
 
     def handle_status(self, conn: ServerConnection, frame: Frame) -> dict:
         return self.status()

@@ -581,6 +581,18 @@ class MetadataServer(Server):
                             job.job_id, job.lease)
                 self._remove_job(job)
 
+    def metric_gauges(self) -> list:
+        return [(name, doc, (), [((), value)]) for name, doc, value in (
+            ("pocket_metadata_inline_used_bytes", "Bytes of inline (small) objects stored here",
+             self.inline_used),
+            ("pocket_metadata_inline_capacity_bytes", "Space for inline objects",
+             self.inline_capacity),
+            ("pocket_metadata_jobs", "Jobs whose namespaces this server holds", len(self.jobs)),
+            ("pocket_metadata_pending_puts", "Large puts begun and not yet committed",
+             len(self.puts)),
+            ("pocket_metadata_read_leases", "Read leases held on large objects",
+             len(self.leases)))]
+
     def stats(self) -> dict:
         usage = self._meter.read(self.bytes_in, self.bytes_out)
         usage.update({

@@ -301,6 +301,19 @@ class StorageServer(Server):
         self._internal(frame.header, Op.EXT_FREE, ids)
         return {"freed": sum(self.free(i) for i in ids)}
 
+    def metric_gauges(self) -> list:
+        gauges = [
+            ("pocket_storage_used_bytes", "Bytes stored (allocated blocks)", self.used),
+            ("pocket_storage_capacity_bytes", "Bytes this server serves", self.capacity),
+            ("pocket_storage_extents", "Extents allocated", len(self.extents)),
+        ]
+        if self.flash:
+            gauges += [("pocket_storage_device_read_bytes", "Bytes read from the device",
+                        self.device.bytes_read),
+                       ("pocket_storage_device_written_bytes", "Bytes written to the device",
+                        self.device.bytes_written)]
+        return [(name, doc, ("tier",), [((self.tier,), value)]) for name, doc, value in gauges]
+
     # -- lifecycle -----------------------------------------------------------
     def stats(self) -> dict:
         usage = self._meter.read(self.bytes_in, self.bytes_out)
