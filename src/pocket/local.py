@@ -124,6 +124,8 @@ class LocalCluster:
             stderr = None  # type: ignore[assignment]
         env = dict(os.environ)
         env.pop("POCKET_LISTEN", None)
+        if env.get("POCKET_METRICS_PORT", "0") != "0":  # one fixed port cannot serve many
+            env["POCKET_METRICS_PORT"] = "0"
         cmd = [sys.executable, "-m", f"pocket.{role}", "--log-level", self.log_level, *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                 env=env, preexec_fn=_die_with_parent)

@@ -175,6 +175,8 @@ class LocalProvider:
     async def _start_one(self, tier: str, profile: NodeProfile, controller: str) -> LocalNode:
         env = dict(os.environ)
         env.pop("POCKET_LISTEN", None)
+        if env.get("POCKET_METRICS_PORT", "0") != "0":  # one fixed port cannot serve many
+            env["POCKET_METRICS_PORT"] = "0"
         proc = await asyncio.create_subprocess_exec(
             *self.command(tier, profile, controller), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=None, env=env, preexec_fn=_die_with_parent)
