@@ -109,6 +109,18 @@ async def random_gets(job, count: int, concurrency: int, duration: float) -> flo
     return done / (time.perf_counter() - t0)
 
 
+def data_file_of(pid: int) -> str | None:
+    """The ``.data`` file a storage process has open, if any."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed since the listing
+            continue
+        if target.endswith(".data"):
+            return target
+    return None
+
+
 def page_cache_bytes(path: str) -> int | None:
     """Resident page-cache bytes of ``path`` (util-linux fincore), or None."""
     if not shutil.which("fincore"):
@@ -175,10 +187,7 @@ def main() -> int:
                               metadata_args=("--inline-max", "0"), log_level="WARNING") as cl:
                 server = next(p for p in cl.processes if p.role == "storage")
                 pocket_results = asyncio.run(measure_tier(cl.address, tier, args))
-                data_file = next((os.readlink(f"/proc/{server.pid}/fd/{fd}")
-                                  for fd in os.listdir(f"/proc/{server.pid}/fd")
-                                  if os.readlink(f"/proc/{server.pid}/fd/{fd}").endswith(".data")),
-                                 None)
+                data_file = data_file_of(server.pid)
                 cached = page_cache_bytes(data_file) if data_file else None
             progress(f"{tier}: fio on the same directory")
             fio = {}

@@ -56,7 +56,10 @@ def test_data_file_is_opened_with_o_direct(flash_cluster: LocalCluster) -> None:
             continue
         found = False
         for fd in os.listdir(f"/proc/{proc.pid}/fd"):
-            target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+            try:
+                target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+            except FileNotFoundError:  # a socket closed since the listing
+                continue
             if target.endswith(".data"):
                 with open(f"/proc/{proc.pid}/fdinfo/{fd}") as f:
                     flags = int(next(l for l in f if l.startswith("flags:")).split()[1], 8)
