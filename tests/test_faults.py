@@ -280,7 +280,7 @@ def test_link_stalls_or_resets_mid_frame(cluster, mode: str) -> None:
         with pytest.raises(pocket.Unavailable):
             job.get("x")
         took = time.monotonic() - t
-        assert took < (2.5 if mode == "stall" else 1.0), took
+        assert took < (4.0 if mode == "stall" else 2.0), took  # bounded: no hang
     finally:
         job.metadata = real
         proxy.close()
