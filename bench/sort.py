@@ -48,7 +48,6 @@ peak store bytes  the most the store held, sampled every 0.2 s: for Pocket the
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -66,6 +65,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 import pocket
+from pocket.process import die_with_parent
 from pocket.units import format_size, parse_size
 
 RECORD = 100            # bytes per record
@@ -397,16 +397,9 @@ def run_task(task: str, spec: dict, cfg: dict, index: int) -> dict:
 # Executors: run one phase as N lambdas
 # ----------------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _lambda_process(index: int, task: str, spec: dict, cfg: dict, queue, go) -> None:
     """The body of one lambda process (spawned: a fresh interpreter)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and ends us
     store = None
     try:
@@ -744,7 +737,7 @@ class RedisBackend:
                  "--protected-mode", "no", "--proto-max-bulk-len", str(bulk),
                  "--client-query-buffer-limit", str(max(1 << 30, 2 * bulk))],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
             log.close()
             self.client = redis.Redis(host="127.0.0.1", port=self.port)
             deadline = time.monotonic() + 10

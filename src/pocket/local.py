@@ -8,7 +8,6 @@ children are asked to die with their parent so nothing is orphaned.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import shutil
@@ -22,6 +21,7 @@ from typing import IO, Optional
 
 from .connection import BlockingConnection
 from .errors import PocketError, Unavailable
+from .process import announced_address, die_with_parent, server_environment
 from .protocol import Op
 from .units import format_size, parse_rate, parse_size
 
@@ -41,13 +41,6 @@ def default_flash_capacity(directory: str, servers: int) -> int:
     st = os.statvfs(directory)
     each = st.f_bavail * st.f_frsize // 4 // max(1, servers)
     return max(256 << 20, min(16 << 30, each)) // (1 << 20) * (1 << 20)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -122,13 +115,9 @@ class LocalCluster:
             stderr = open(log_path, "ab")
         else:
             stderr = None  # type: ignore[assignment]
-        env = dict(os.environ)
-        env.pop("POCKET_LISTEN", None)
-        if env.get("POCKET_METRICS_PORT", "0") != "0":  # one fixed port cannot serve many
-            env["POCKET_METRICS_PORT"] = "0"
         cmd = [sys.executable, "-m", f"pocket.{role}", "--log-level", self.log_level, *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_die_with_parent)
+                                env=server_environment(), preexec_fn=die_with_parent)
         if log_path is not None:
             stderr.close()  # type: ignore[union-attr]
         server = ServerProcess(role, proc, "", log_path)
@@ -151,11 +140,12 @@ class LocalCluster:
                     break
                 line += chunk
         text = line.decode(errors="replace").strip()
-        if " listening on " not in text:
+        address = announced_address(text)
+        if address is None:
             detail = self._log_tail(server)
             raise Unavailable(f"{server.role} server did not start (exit {proc.poll()}): "
                               f"{text or 'no output'}{detail}")
-        return text.rsplit(" listening on ", 1)[1].split()[0]
+        return address
 
     def _log_tail(self, server: ServerProcess) -> str:
         if not server.log_path or not os.path.exists(server.log_path):

@@ -19,15 +19,14 @@ The controller waits for the new nodes to register and then packs them.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 from ..errors import Unavailable
+from ..process import announced_address, die_with_parent, server_environment
 from .planner import NodeProfile
 
 log = logging.getLogger("pocket.provider")
@@ -87,13 +86,6 @@ class NoProvider:
 
     def describe(self) -> dict:
         return {"name": self.name}
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass(eq=False)
@@ -173,13 +165,10 @@ class LocalProvider:
         return [r.address for r in results]  # type: ignore[union-attr]
 
     async def _start_one(self, tier: str, profile: NodeProfile, controller: str) -> LocalNode:
-        env = dict(os.environ)
-        env.pop("POCKET_LISTEN", None)
-        if env.get("POCKET_METRICS_PORT", "0") != "0":  # one fixed port cannot serve many
-            env["POCKET_METRICS_PORT"] = "0"
         proc = await asyncio.create_subprocess_exec(
             *self.command(tier, profile, controller), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=None, env=env, preexec_fn=_die_with_parent)
+            stdout=asyncio.subprocess.PIPE, stderr=None, env=server_environment(),
+            preexec_fn=die_with_parent)
         node = LocalNode(tier, proc)
         self.nodes.append(node)
         try:
@@ -190,11 +179,12 @@ class LocalProvider:
             raise Unavailable(f"a {tier} storage server did not start in "
                               f"{self.start_timeout:g}s") from None
         text = line.decode(errors="replace").strip()
-        if " listening on " not in text:
+        address = announced_address(text)
+        if address is None:
             await self._stop_node(node, grace=1.0)
             raise Unavailable(f"a {tier} storage server exited ({proc.returncode}) before "
                               f"listening: {text or 'no output'}")
-        node.address = text.rsplit(" listening on ", 1)[1].split()[0]
+        node.address = address
         node.drain = asyncio.get_running_loop().create_task(self._drain(proc))
         log.info("local provider started %s storage server %s (pid %d)", tier, node.address,
                  proc.pid)
