@@ -18,30 +18,19 @@ from typing import Any, Optional
 
 from .client import (ObjectInfo, byte_view, default_controller, extent_plan, info_from_header,
                      job_hints, job_options, piece_checksums, verify_pieces, writable_view)
-from .connection import DEFAULT_TIMEOUT, AsyncConnection
+from .connection import DEFAULT_TIMEOUT, AsyncConnectionCache
 from .errors import InvalidRequest, NotFound, PocketError, ProtocolError
 from .protocol import Buffer, Frame, Op
 
 __all__ = ["AsyncCluster", "AsyncJob", "attach", "connect", "ObjectInfo"]
 
 
-class _Connections:
-    """One shared connection per address, opened on first use, reopened if broken."""
+class _Connections(AsyncConnectionCache):
+    """The client's connections: one per server, requests with the client's timeout."""
 
     def __init__(self, timeout: float) -> None:
+        super().__init__()
         self.timeout = timeout
-        self._conns: dict[str, asyncio.Future] = {}
-
-    async def get(self, address: str) -> AsyncConnection:
-        fut = self._conns.get(address)
-        if fut is not None and fut.done():
-            if not fut.cancelled() and fut.exception() is None and not fut.result().closed:
-                return fut.result()  # the common case: no shield, no await
-            fut = None
-        if fut is None:
-            fut = asyncio.ensure_future(AsyncConnection.open(address))
-            self._conns[address] = fut
-        return await asyncio.shield(fut)
 
     async def request(self, address: str, opcode: int, header: dict,
                       payload: Optional[Buffer] = None, into: Optional[memoryview] = None) -> Frame:
@@ -53,14 +42,6 @@ class _Connections:
             (await self.get(address)).send_no_reply(opcode, header)
         except PocketError:
             pass
-
-    def close(self) -> None:
-        for fut in self._conns.values():
-            if fut.done() and not fut.cancelled() and not fut.exception():
-                fut.result().close()
-            elif not fut.done():
-                fut.cancel()
-        self._conns.clear()
 
 
 class AsyncJob:

@@ -168,6 +168,42 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self._fail(Unavailable(f"connection to {self.address} closed"))
 
 
+class AsyncConnectionCache:
+    """One shared :class:`AsyncConnection` per address: opened on first use (concurrent
+    callers share the one being opened), reopened once it breaks."""
+
+    def __init__(self, connect_timeout: float = 10.0) -> None:
+        self.connect_timeout = connect_timeout
+        self._conns: dict[str, asyncio.Future] = {}
+
+    async def get(self, address: str) -> AsyncConnection:
+        fut = self._conns.get(address)
+        if fut is not None and fut.done():
+            if not fut.cancelled() and fut.exception() is None and not fut.result().closed:
+                return fut.result()  # the common case: no shield, no await
+            fut = None
+        if fut is None:
+            fut = asyncio.ensure_future(
+                AsyncConnection.open(address, timeout=self.connect_timeout))
+            self._conns[address] = fut
+        return await asyncio.shield(fut)
+
+    def drop(self, address: str) -> None:
+        """Close and forget the connection to ``address``, if any."""
+        fut = self._conns.pop(address, None)
+        if fut is None:
+            return
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled() and fut.exception() is None:
+            fut.result().close()
+
+    def close(self) -> None:
+        """Close every connection."""
+        for address in list(self._conns):
+            self.drop(address)
+
+
 class BlockingConnection:
     """A blocking-socket client connection over the same codec (no event loop).
 

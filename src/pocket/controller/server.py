@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..connection import AsyncConnection
+from ..connection import AsyncConnectionCache
 from ..errors import AccessDenied, InvalidRequest, NotFound, Unavailable
 from ..protocol import Frame, Limits, Op
 from ..server import Server, ServerConnection
@@ -106,7 +106,7 @@ class ControllerServer(Server):
         self._pending: dict[str, str] = {}
         self._joined = asyncio.Event()
         self._spill_refresh: Optional[asyncio.Task] = None
-        self._md_conns: dict[str, AsyncConnection] = {}
+        self._md_conns = AsyncConnectionCache(connect_timeout=5.0)
         self._monitor: Optional[asyncio.Task] = None
         #: Autoscaling (``--autoscale``): None when off.
         self.autoscaler: Optional[AutoscaleMonitor] = (
@@ -223,7 +223,7 @@ class ControllerServer(Server):
         return None
 
     def _forget_node(self, node: NodeRecord) -> None:
-        self._drop_md_conn(node.id)
+        self._md_conns.drop(node.address)
         if node.role == "storage":
             self.ledger.remove_node(node.id)
             self._drop_from_weight_maps(node.id)
@@ -285,19 +285,11 @@ class ControllerServer(Server):
                 return
             self._spill_refresh = loop.create_task(self._refresh_spill())
 
-    def _drop_md_conn(self, node_id: str) -> None:
-        conn = self._md_conns.pop(node_id, None)
-        if conn is not None:
-            conn.close()
-
     async def _md_request(self, node_id: str, opcode: int, header: dict) -> Frame:
         node = self.nodes.get(node_id)
         if node is None:
             raise Unavailable(f"metadata server {node_id} is gone")
-        conn = self._md_conns.get(node_id)
-        if conn is None or conn.closed:
-            conn = await AsyncConnection.open(node.address, timeout=5.0)
-            self._md_conns[node_id] = conn
+        conn = await self._md_conns.get(node.address)
         if self.key is not None and opcode in (Op.JOB_ADD, Op.JOB_UPDATE):
             header = {**header, "auth": self.key.sign(opcode, header.get("job"))}
         return await conn.request(opcode, header, timeout=10.0)
@@ -622,6 +614,5 @@ class ControllerServer(Server):
             await self.autoscaler.stop()
         if self._spill_refresh is not None:
             self._spill_refresh.cancel()
-        for conn in self._md_conns.values():
-            conn.close()
+        self._md_conns.close()
         await self.provider.stop()

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..connection import AsyncConnection
+from ..connection import AsyncConnection, AsyncConnectionCache
 from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound, PocketError, Unavailable
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
@@ -137,7 +137,7 @@ class MetadataServer(Server):
         self.puts: dict[int, PendingPut] = {}
         self.leases: dict[int, tuple[JobNamespace, StoredObject, float]] = {}
         self._ids = itertools.count(1)
-        self._storage: dict[str, asyncio.Future] = {}
+        self._storage = AsyncConnectionCache(connect_timeout=5.0)
         self.link: Optional[ControllerLink] = None
         self._meter = UsageMeter()
         self._sweeper: Optional[asyncio.Task] = None
@@ -178,18 +178,10 @@ class MetadataServer(Server):
         return [key.capability(job.job_id, e, rights, expiry) for e in ext_ids]
 
     async def _storage_conn(self, node: str) -> AsyncConnection:
-        fut = self._storage.get(node)
-        if fut is not None and fut.done():
-            if not fut.cancelled() and fut.exception() is None and not fut.result().closed:
-                return fut.result()
-            fut = None
-        if fut is None:
-            address = self.node_addresses.get(node)
-            if address is None:
-                raise Unavailable(f"storage server {node} is unknown")
-            fut = asyncio.ensure_future(AsyncConnection.open(address, timeout=5.0))
-            self._storage[node] = fut
-        return await asyncio.shield(fut)
+        address = self.node_addresses.get(node)
+        if address is None:
+            raise Unavailable(f"storage server {node} is unknown")
+        return await self._storage.get(address)
 
     def _retire(self, obj: StoredObject) -> None:
         """The object is gone from its namespace; free it once nobody reads it."""
@@ -619,6 +611,4 @@ class MetadataServer(Server):
             self._sweeper.cancel()
         if self.link is not None:
             await self.link.leave()
-        for fut in self._storage.values():
-            if fut.done() and not fut.exception():
-                fut.result().close()
+        self._storage.close()
