@@ -24,7 +24,7 @@ from .errors import InvalidRequest, PocketError, ProtocolError
 from .protocol import (FLAG_NO_REPLY, FLAG_REPLY, DEFAULT_LIMITS, Frame, FrameReader, Limits,
                        Op, OP_NAMES, encode_error, encode_frame)
 from .security import ClusterKey, require_secret_for
-from .units import format_address, parse_address
+from .units import format_address, parse_address, parse_duration
 
 log = logging.getLogger("pocket.server")
 
@@ -396,6 +396,14 @@ def configure_secret(server: Server, secret_file: Optional[str]) -> None:
         raise ValueError(f"cannot read the cluster secret: {exc}") from None
     server.use_secret(secret)
     require_secret_for(server.host, secret, server.role)
+
+
+def apply_common_arguments(server: Server, args: argparse.Namespace) -> None:
+    """Apply the flags :func:`common_arguments` added: the cluster secret, the frame timeout
+    and the metrics port.  ValueError for a bad value, like the role's own flags."""
+    configure_secret(server, args.secret_file)
+    server.frame_timeout = parse_duration(args.frame_timeout)
+    server.metrics_port = args.metrics_port
 
 
 def run_server(server: Server, announce: Callable[[Server], str] | None = None) -> int:

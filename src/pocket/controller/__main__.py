@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from ..server import (common_arguments, configure_secret, env_default, run_server, setup_logging,
-                      split_listen)
+from ..server import (apply_common_arguments, common_arguments, env_default, run_server,
+                      setup_logging, split_listen)
 from ..units import parse_duration, parse_rate
 from .autoscale import Band, ScalingPolicy, parse_band, parse_tier_nodes
 from .planner import DEFAULT_PROFILES, PlannerConfig, format_rate, parse_profile
@@ -130,11 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                                   provision_timeout=parse_duration(args.provision_timeout),
                                   autoscale=autoscale_policy(args),
                                   autoscale_interval=parse_duration(args.autoscale_interval))
-        configure_secret(server, args.secret_file)
+        apply_common_arguments(server, args)
     except ValueError as exc:
         parser.error(str(exc))
-    server.frame_timeout = parse_duration(args.frame_timeout)
-    server.metrics_port = args.metrics_port
     return run_server(server)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..server import (common_arguments, configure_secret, env_default, run_server, setup_logging,
-                      split_listen)
+from ..server import (apply_common_arguments, common_arguments, env_default, run_server,
+                      setup_logging, split_listen)
 from ..units import parse_duration, parse_size
 from .placement import DEFAULT_SPLIT_SIZE
 from .server import DEFAULT_INLINE_MAX, MetadataServer
@@ -49,11 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat=parse_duration(args.heartbeat),
             capability_ttl=parse_duration(args.capability_ttl), checksums=args.checksums,
             job_lease=parse_duration(args.job_lease))
-        configure_secret(server, args.secret_file)
+        apply_common_arguments(server, args)
     except ValueError as exc:
         parser.error(str(exc))
-    server.frame_timeout = parse_duration(args.frame_timeout)
-    server.metrics_port = args.metrics_port
     return run_server(server)
 
 

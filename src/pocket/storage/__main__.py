@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..server import (common_arguments, configure_secret, env_default, run_server, setup_logging,
-                      split_listen)
+from ..server import (apply_common_arguments, common_arguments, env_default, run_server,
+                      setup_logging, split_listen)
 from ..units import parse_duration, parse_rate, parse_size
 from .server import TIERS, StorageServer
 
@@ -82,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             allow_buffered=args.allow_buffered, io_threads=args.io_threads,
             resident_slack=parse_size(args.resident_slack),
             write_buffer=parse_size(args.write_buffer))
-        configure_secret(server, args.secret_file)
+        apply_common_arguments(server, args)
     except ValueError as exc:
         parser.error(str(exc))
-    server.frame_timeout = parse_duration(args.frame_timeout)
-    server.metrics_port = args.metrics_port
     return run_server(server)
 
 
