@@ -115,11 +115,13 @@ def nodelay(sock: socket.socket) -> None:
 # The raw limit: a minimal BufferedProtocol echo and sink on uvloop, own process
 # =================================================================================
 
-class _Echo(asyncio.BufferedProtocol):
-    """Sends back whatever arrives."""
+class _RawProtocol(asyncio.BufferedProtocol):
+    """The least a server can be: one preallocated receive buffer, TCP_NODELAY."""
+
+    buffer_size = 256 * KiB
 
     def __init__(self) -> None:
-        self.buf = bytearray(256 * KiB)
+        self.buf = bytearray(self.buffer_size)
         self.view = memoryview(self.buf)
         self.transport: Any = None
 
@@ -131,29 +133,24 @@ class _Echo(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.view
+
+
+class _Echo(_RawProtocol):
+    """Sends back whatever arrives."""
 
     def buffer_updated(self, nbytes: int) -> None:
         self.transport.write(bytes(self.view[:nbytes]))
 
 
-class _Sink(asyncio.BufferedProtocol):
+class _Sink(_RawProtocol):
     """Counts bytes and acks each full MiB with one byte."""
 
+    buffer_size = 1 * MiB
+
     def __init__(self) -> None:
-        self.buf = bytearray(1 * MiB)
-        self.view = memoryview(self.buf)
+        super().__init__()
         self.count = 0
         self.acked = 0
-        self.transport: Any = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            nodelay(sock)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.view
 
     def buffer_updated(self, nbytes: int) -> None:
         self.count += nbytes

@@ -180,18 +180,12 @@ class FlashDevice:
         raise ValueError(f"too many storage servers share {self.directory}")
 
     # -- I/O -----------------------------------------------------------------
-    def _pwrite_all(self, view: memoryview, offset: int) -> None:
+    def _transfer_all(self, io, view: memoryview, offset: int) -> None:
+        """Run ``os.pwritev`` or ``os.preadv`` until all of ``view`` is moved."""
         while len(view):
-            n = os.pwritev(self.fd, [view], offset)
+            n = io(self.fd, [view], offset)
             if n <= 0:
-                raise OSError(errno.EIO, "short write to the data file")
-            view, offset = view[n:], offset + n
-
-    def _pread_all(self, view: memoryview, offset: int) -> None:
-        while len(view):
-            n = os.preadv(self.fd, [view], offset)
-            if n <= 0:
-                raise OSError(errno.EIO, "short read from the data file")
+                raise OSError(errno.EIO, f"short {io.__name__} on the data file")
             view, offset = view[n:], offset + n
 
     async def write(self, offset: int, payload: memoryview) -> None:
@@ -208,17 +202,18 @@ class FlashDevice:
         whole = memoryview(buf)[:padded]
         if padded > length:
             whole[length:padded] = bytes(padded - length)
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._pwrite_all, whole, offset)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._transfer_all, os.pwritev,
+                                                         whole, offset)
         self.bytes_written += padded
 
     async def read(self, offset: int, length: int) -> memoryview:
-        """Read ``length`` bytes at ``offset`` (any alignment) into a fresh aligned buffer."""
+        """Read ``length`` bytes at ``offset`` (any alignment) into an aligned buffer from the pool."""
         start = round_down(offset)
         end = round_up(offset + length)
         buf = self.buffers.take(end - start)
         view = memoryview(buf)
         await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._pread_all, view[:end - start], start)
+            self._pool, self._transfer_all, os.preadv, view[:end - start], start)
         self.bytes_read += end - start
         return view[offset - start:offset - start + length]
 
