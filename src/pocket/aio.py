@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import weakref
 from typing import Any, Optional
 
 from .client import (ObjectInfo, byte_view, default_controller, extent_plan, info_from_header,
@@ -59,6 +60,28 @@ class AsyncJob:
         self._conns = conns
         self._owns = owns
         self._auth = {"job": self.id, "tok": self.token}
+        self._renewal: Optional[asyncio.Task] = None
+
+    def _start_renewal(self, lease: Optional[float]) -> None:
+        """The driver's handle keeps the job's lease while it is open, as the sync one does
+        (a task sending JOB_RENEW every third of the lease): an idle driver that waits
+        longer than the lease for its lambdas keeps its job; a dead one stops renewing."""
+        self._renewal = asyncio.get_running_loop().create_task(self._renew(lease or 60.0))
+
+    async def _renew(self, lease: float) -> None:
+        while True:
+            try:  # the reply says the lease the metadata server applies
+                applied = (await self._md(Op.JOB_RENEW, {})).header.get("lease")
+                if isinstance(applied, (int, float)) and applied > 0:
+                    lease = float(applied)
+            except PocketError:
+                pass  # the job's lapse is the metadata server's call, not ours
+            await asyncio.sleep(max(lease / 3, 0.05))
+
+    def _stop_renewal(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
 
     def __repr__(self) -> str:
         return f"<pocket.aio.AsyncJob {self.id} tier={self.tier} metadata={self.metadata}>"
@@ -177,11 +200,13 @@ class AsyncJob:
 
     async def deregister(self) -> dict:
         """End the job; everything not persisted is freed."""
+        self._stop_renewal()
         reply = await self._conns.request(self.controller, Op.JOB_DEREGISTER, dict(self._auth))
         return reply.header
 
     async def close(self) -> None:
-        """Close this handle's connections (does not deregister)."""
+        """Close this handle's connections (does not deregister; stops lease renewal)."""
+        self._stop_renewal()
         if self._owns:
             self._conns.close()
 
@@ -201,6 +226,8 @@ class AsyncCluster:
     def __init__(self, address: str, conns: _Connections) -> None:
         self.address = address
         self._conns = conns
+        #: Jobs registered here, whose lease renewal stops when the cluster handle closes.
+        self._jobs: "weakref.WeakSet[AsyncJob]" = weakref.WeakSet()
 
     async def register_job(self, name: str, *, lambdas: Optional[int] = None,
                            capacity: int | str | None = None, throughput: int | str | None = None,
@@ -208,14 +235,18 @@ class AsyncCluster:
                            tier: Optional[str] = None, checksums: Optional[bool] = None,
                            lease: float | str | None = None) -> AsyncJob:
         """Register a job; every hint is optional (``checksums`` and ``lease`` as in
-        :meth:`pocket.Cluster.register_job`; the job's requests renew its lease)."""
+        :meth:`pocket.Cluster.register_job`).  The handle renews the job's lease until it
+        is closed or deregistered (or this cluster handle is closed)."""
         header: dict = {"name": name,
                         "hints": job_hints(lambdas, capacity, throughput, latency_sensitive),
                         **job_options(checksums, lease)}
         if tier is not None:
             header["tier"] = tier
         reply = await self._conns.request(self.address, Op.JOB_REGISTER, header)
-        return AsyncJob(self.address, reply.header, self._conns, owns=False)
+        job = AsyncJob(self.address, reply.header, self._conns, owns=False)
+        job._start_renewal(reply.header.get("lease"))
+        self._jobs.add(job)
+        return job
 
     async def attach(self, job_id: str, token: str) -> AsyncJob:
         """A handle on an existing job."""
@@ -227,6 +258,8 @@ class AsyncCluster:
         return (await self._conns.request(self.address, Op.STATUS, {})).header
 
     async def close(self) -> None:
+        for job in list(self._jobs):
+            job._stop_renewal()
         self._conns.close()
 
     async def __aenter__(self) -> "AsyncCluster":

@@ -53,6 +53,8 @@ class ControllerLink:
         self.heartbeat = heartbeat
         self.interval = interval
         self.node_id: Optional[str] = None
+        #: The id this node had before the controller forgot it; asked for again.
+        self.previous_id: Optional[str] = None
         self.registered = asyncio.Event()
         self._conn: Optional[AsyncConnection] = None
         self._task: Optional[asyncio.Task] = None
@@ -83,6 +85,7 @@ class ControllerLink:
                 await conn.request(Op.NODE_HEARTBEAT, stats, timeout=10.0)
             except NotFound:
                 log.warning("controller %s forgot this node; registering again", self.controller)
+                self.previous_id = self.node_id
                 self.node_id = None
                 self.registered.clear()
                 continue
@@ -99,6 +102,8 @@ class ControllerLink:
 
     def _signed_registration(self) -> dict:
         fields = self.registration()
+        if self.previous_id is not None:  # keep our id (and our jobs) if the controller can
+            fields["node"] = self.previous_id
         metrics = getattr(self.server, "metrics_address", None)
         if metrics is not None:  # where Prometheus scrapes this node (``pocket status``)
             fields["metrics"] = metrics

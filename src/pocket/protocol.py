@@ -89,6 +89,7 @@ class Op:
     EXT_WRITE = 71
     EXT_READ = 72
     EXT_FREE = 73
+    EXT_RECLAIM = 74
 
 
 OP_NAMES = {v: k for k, v in vars(Op).items() if isinstance(v, int)}

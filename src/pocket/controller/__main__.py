@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-timeout", default=env_default("node_timeout", "3s"),
                         help="drop a node after this long without heartbeats (default 3s; a "
                              "node whose heartbeat connection closes is dropped after 1.5s)")
+    parser.add_argument("--reclaim-after", default=env_default("reclaim_after", "30s"),
+                        help="free the extents a metadata server allocated on storage servers "
+                             "once it has been gone this long (it died or restarted: its "
+                             "namespaces are lost) (default 30s; keep it well above "
+                             "--node-timeout so a brief link blip never frees live data)")
     parser.add_argument("--profile", action="append", default=None, help=profile_help())
     parser.add_argument("--lambda-rate", default=env_default("lambda_rate", "600Mbps"),
                         help="throughput per lambda for the `lambdas` hint (default 600Mbps)")
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                                   profiles=profiles, planner=planner, provider=provider,
                                   provision_timeout=parse_duration(args.provision_timeout),
                                   autoscale=autoscale_policy(args),
-                                  autoscale_interval=parse_duration(args.autoscale_interval))
+                                  autoscale_interval=parse_duration(args.autoscale_interval),
+                                  reclaim_after=parse_duration(args.reclaim_after))
         apply_common_arguments(server, args)
     except ValueError as exc:
         parser.error(str(exc))

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..connection import AsyncConnectionCache
-from ..errors import AccessDenied, InvalidRequest, NotFound, Unavailable
+from ..errors import AccessDenied, InvalidRequest, NotFound, PocketError, Unavailable
 from ..protocol import Frame, Limits, Op
 from ..server import Server, ServerConnection
-from ..storage.server import TIERS
+from ..storage.server import MAX_OWNER_LEN, MAX_REPORTED_OWNERS, TIERS
 from ..units import format_size
 from .planner import (DEFAULT_CONFIG, DEFAULT_PROFILES, TIER_ORDER, Allocation, AllocationLedger,
                       JobUsage, NodeLoad, NodeProfile, Packing, PlannerConfig, Slice,
@@ -32,11 +32,14 @@ from .policy import expired, job_slug, least_loaded, normalise_hints, weights_by
 from .autoscale import ScalingPolicy
 from .monitor import AutoscaleMonitor
 from .provider import NodeProvider, NoProvider
+from .reclaim import DEFAULT_RECLAIM_AFTER, OwnerWatch
 
 log = logging.getLogger("pocket.controller")
 
 #: A node whose heartbeat connection closed is dropped if no heartbeat comes within this.
 LINK_GRACE = 1.5
+#: Longest node id a re-registering node may ask to keep.
+MAX_NODE_ID = 32
 
 
 @dataclass
@@ -92,7 +95,8 @@ class ControllerServer(Server):
                  provider: Optional[NodeProvider] = None,
                  provision_timeout: float = 30.0,
                  autoscale: Optional[ScalingPolicy] = None,
-                 autoscale_interval: float = 1.0) -> None:
+                 autoscale_interval: float = 1.0,
+                 reclaim_after: float = DEFAULT_RECLAIM_AFTER) -> None:
         super().__init__(host, port, Limits(max_header=1 << 20, max_payload=0))
         self.node_timeout = node_timeout
         self.profiles: dict[str, NodeProfile] = {**DEFAULT_PROFILES, **(profiles or {})}
@@ -107,6 +111,10 @@ class ControllerServer(Server):
         self._joined = asyncio.Event()
         self._spill_refresh: Optional[asyncio.Task] = None
         self._md_conns = AsyncConnectionCache(connect_timeout=5.0)
+        #: Dead metadata servers' extents on storage servers (see reclaim.py).
+        self.owners = OwnerWatch(reclaim_after, time.monotonic())
+        self._storage_conns = AsyncConnectionCache(connect_timeout=5.0)
+        self._reclaiming: set[tuple[str, str]] = set()
         self._monitor: Optional[asyncio.Task] = None
         #: Autoscaling (``--autoscale``): None when off.
         self.autoscaler: Optional[AutoscaleMonitor] = (
@@ -134,6 +142,12 @@ class ControllerServer(Server):
             raise InvalidRequest(f"unknown tier {tier!r}")
         prefix = "md" if role == "metadata" else tier
         node_id = f"{prefix}-{secrets.token_hex(3)}"
+        previous = h.get("node")
+        if (isinstance(previous, str) and previous.startswith(prefix + "-") and
+                len(previous) <= MAX_NODE_ID and previous not in self.nodes):
+            # A node coming back (its link blipped, or this controller restarted) keeps
+            # its id, so the jobs whose metadata server it is find it again.
+            node_id = previous
         capacity = h.get("capacity", 0)
         if not isinstance(capacity, int) or capacity < 0:
             raise InvalidRequest("capacity must be a non-negative integer")
@@ -150,7 +164,7 @@ class ControllerServer(Server):
         self.nodes[node_id] = NodeRecord(
             node_id, role, tier, address, capacity, float(throughput), price,
             info={k: v for k, v in h.items()
-                  if k not in ("role", "tier", "addr", "capacity", "throughput")})
+                  if k not in ("role", "tier", "addr", "capacity", "throughput", "node", "auth")})
         if role == "storage":
             self.ledger.add_node(NodeLoad(node_id, tier, capacity, int(throughput), price,
                                           reserved_for=self._pending.get(address)))
@@ -197,9 +211,49 @@ class ControllerServer(Server):
             if key in h:
                 node.info[key] = h[key]
         self.ledger.set_capacity(node.id, node.capacity)
-        if node.role == "metadata" and isinstance(h.get("jobs"), dict):
-            self._end_lapsed_jobs(node.id, h["jobs"])
+        if node.role == "metadata":
+            owner = node.info.get("owner")
+            if isinstance(owner, str):
+                self.owners.alive((owner,), node.last_seen)
+            if isinstance(h.get("jobs"), dict):
+                self._end_lapsed_jobs(node.id, h["jobs"])
+        elif isinstance(h.get("owners"), list):
+            self._reclaim_dead_owners(node, h["owners"])
         return None
+
+    # -- extents of dead metadata servers ------------------------------------------
+    def _live_owners(self) -> set[str]:
+        """Instance ids of the registered metadata servers."""
+        return {n.info["owner"] for n in self.nodes.values()
+                if n.role == "metadata" and isinstance(n.info.get("owner"), str)}
+
+    def _reclaim_dead_owners(self, node: NodeRecord, reported: list) -> None:
+        """A storage server holds extents of these owners: free those of dead ones."""
+        owners = [o for o in reported[:MAX_REPORTED_OWNERS]
+                  if isinstance(o, str) and 0 < len(o) <= MAX_OWNER_LEN]
+        for owner in self.owners.reclaimable(owners, self._live_owners(), time.monotonic()):
+            if (node.id, owner) in self._reclaiming:
+                continue
+            self._reclaiming.add((node.id, owner))
+            task = asyncio.get_running_loop().create_task(self._send_reclaim(node, owner))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send_reclaim(self, node: NodeRecord, owner: str) -> None:
+        try:
+            if self.key is None:
+                return
+            conn = await self._storage_conns.get(node.address)
+            reply = await conn.request(Op.EXT_RECLAIM, {
+                "owner": owner, "auth": self.key.sign(Op.EXT_RECLAIM, owner)}, timeout=10.0)
+            log.warning("metadata server instance %s silent for over %.0fs: storage server %s "
+                        "freed its %s extents (%s bytes)", owner, self.owners.grace, node.id,
+                        reply.header.get("extents"), reply.header.get("freed"))
+        except (PocketError, OSError) as exc:  # tried again at its next heartbeat
+            log.warning("could not reclaim the extents of metadata server instance %s on %s: "
+                        "%s", owner, node.id, exc)
+        finally:
+            self._reclaiming.discard((node.id, owner))
 
     def _end_lapsed_jobs(self, md_id: str, jobs: dict) -> None:
         """Jobs their metadata server reclaimed (lease expired: the driver died without
@@ -601,6 +655,7 @@ class ControllerServer(Server):
                 log.warning("%s server %s missed heartbeats for %.1fs; dropped", node.role,
                             node_id, self.node_timeout)
                 self._forget_node(node)
+            self.owners.prune(self._live_owners(), time.monotonic())
 
     async def on_start(self) -> None:
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
@@ -615,4 +670,5 @@ class ControllerServer(Server):
         if self._spill_refresh is not None:
             self._spill_refresh.cancel()
         self._md_conns.close()
+        self._storage_conns.close()
         await self.provider.stop()

@@ -7,6 +7,12 @@ writes them, ``PUT_COMMIT`` makes the object visible (an overwrite replaces
 the old object in one step).  A get of a large object takes a *read lease* so
 the object's extents are not freed (by a delete or overwrite) while a reader
 is still fetching them; the client releases the lease when done.
+
+Every extent is allocated under this process's *instance* id (``owner``), made
+at start and sent with the registration: storage servers group extents by it,
+so that the extents of a metadata server that died or restarted (its
+namespaces, held only in memory, are gone) are freed when the controller says
+so (``EXT_RECLAIM``; see ``pocket.controller.reclaim``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import hmac
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -132,6 +139,8 @@ class MetadataServer(Server):
         #: ``flash``: checksum extents on flash tiers (and DRAM for jobs that ask); ``all``: all.
         self.checksums = checksums
         self.job_lease = job_lease
+        #: Owner of the extents this process allocates; new at every start (see above).
+        self.instance = secrets.token_hex(8)
         self.jobs: dict[str, JobNamespace] = {}
         self.node_addresses: dict[str, str] = {}
         self.puts: dict[int, PendingPut] = {}
@@ -331,8 +340,8 @@ class MetadataServer(Server):
     async def _alloc_on(self, job: JobNamespace, node: str, nbytes: int) -> list:
         conn = await self._storage_conn(node)
         reply = await conn.request(Op.EXT_ALLOC, {
-            "job": job.job_id, "size": nbytes,
-            "auth": self._sign(Op.EXT_ALLOC, job.job_id, nbytes)}, timeout=10.0)
+            "job": job.job_id, "size": nbytes, "owner": self.instance,
+            "auth": self._sign(Op.EXT_ALLOC, job.job_id, nbytes, self.instance)}, timeout=10.0)
         return reply.header["ext"]
 
     def handle_put_commit(self, conn: ServerConnection, frame: Frame) -> None:
@@ -602,7 +611,8 @@ class MetadataServer(Server):
             self.link = ControllerLink(
                 self.controller,
                 lambda: {"role": "metadata", "tier": "metadata", "addr": self.address,
-                         "capacity": self.inline_capacity, "inline_max": self.inline_max},
+                         "capacity": self.inline_capacity, "inline_max": self.inline_max,
+                         "owner": self.instance},
                 self.stats, self.heartbeat_interval, server=self)
             self.link.start()
 

@@ -5,11 +5,19 @@ a random 63-bit id.  Writes are received straight into the extent's place in
 the arena (the codec's sink); reads are sent from it as memoryviews.  The
 metadata server decides what to allocate and free; clients only write and
 read extents whose ids the metadata server gave them.
+
+Extents are grouped by *owner*, the instance id of the metadata server that
+allocated them (``EXT_ALLOC`` carries it, signed).  Heartbeats report the
+owners held here; when the controller has not heard from an owner for its
+``--reclaim-after`` (the metadata server died or restarted: its namespaces,
+and so every way to reach or free these extents, are gone), it sends a
+signed ``EXT_RECLAIM`` and all of that owner's extents are freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import mmap
 import secrets
@@ -31,6 +39,10 @@ TIERS = ("dram", "nvme", "ssd", "hdd")
 FLASH_TIERS = ("nvme", "ssd", "hdd")
 #: Flash writes received but not yet on the device; above this, stop reading.
 FLASH_INFLIGHT_LIMIT = 256 << 20
+#: Longest owner (metadata server instance) id accepted in EXT_ALLOC / EXT_RECLAIM.
+MAX_OWNER_LEN = 64
+#: Most owners listed in one heartbeat (there are a handful of metadata servers).
+MAX_REPORTED_OWNERS = 256
 
 
 @dataclass
@@ -41,6 +53,17 @@ class Extent:
     nblocks: int
     length: int  # bytes the owner asked for (≤ nblocks * block_size)
     job: str
+    #: The metadata server instance that allocated it (None: never reclaimed by owner).
+    owner: Optional[str] = None
+
+
+def check_owner(owner: object, required: bool = False) -> Optional[str]:
+    """A well-formed owner id (or None when not ``required``), else InvalidRequest."""
+    if owner is None and not required:
+        return None
+    if not isinstance(owner, str) or not 0 < len(owner) <= MAX_OWNER_LEN:
+        raise InvalidRequest(f"owner must be a string of 1 to {MAX_OWNER_LEN} characters")
+    return owner
 
 
 def resident_bytes() -> int:
@@ -124,6 +147,8 @@ class StorageServer(Server):
         self._trimmer: Optional[asyncio.Task] = None
         self.allocator = BlockAllocator(self.capacity // block_size)
         self.extents: dict[int, Extent] = {}
+        #: Owner (metadata server instance) → ids of its extents here.
+        self.owners: dict[str, set[int]] = {}
         self.controller = controller
         self.heartbeat_interval = heartbeat
         self.link: Optional[ControllerLink] = None
@@ -137,6 +162,7 @@ class StorageServer(Server):
             Op.EXT_WRITE: self.handle_write,
             Op.EXT_READ: self.handle_read,
             Op.EXT_FREE: self.handle_free,
+            Op.EXT_RECLAIM: self.handle_reclaim,
         })
 
     @property
@@ -144,8 +170,9 @@ class StorageServer(Server):
         return self.allocator.used_blocks * self.block_size
 
     # -- space ---------------------------------------------------------------
-    def alloc(self, job: str, size: int) -> list[tuple[int, int]]:
-        """Allocate ``size`` bytes for ``job``; return ``[(extent id, length)]``."""
+    def alloc(self, job: str, size: int, owner: Optional[str] = None) -> list[tuple[int, int]]:
+        """Allocate ``size`` bytes for ``job`` on behalf of metadata server ``owner``;
+        return ``[(extent id, length)]``."""
         if not isinstance(size, int) or size <= 0:
             raise InvalidRequest("allocation size must be a positive integer")
         bs = self.block_size
@@ -158,7 +185,9 @@ class StorageServer(Server):
                 take = min(nblocks, MAX_EXTENT // bs)
                 length = min(take * bs, remaining)
                 ext_id = self._new_id()
-                self.extents[ext_id] = Extent(block, take, length, job)
+                self.extents[ext_id] = Extent(block, take, length, job, owner)
+                if owner is not None:
+                    self.owners.setdefault(owner, set()).add(ext_id)
                 out.append((ext_id, length))
                 remaining -= length
                 block += take
@@ -175,6 +204,12 @@ class StorageServer(Server):
         ext = self.extents.pop(ext_id, None)
         if ext is None:
             return 0
+        if ext.owner is not None:
+            owned = self.owners.get(ext.owner)
+            if owned is not None:
+                owned.discard(ext_id)
+                if not owned:
+                    del self.owners[ext.owner]
         self.allocator.free(ext.block, ext.nblocks)
         self.device.release(ext.block * self.block_size, ext.nblocks * self.block_size)
         return ext.nblocks * self.block_size
@@ -230,8 +265,8 @@ class StorageServer(Server):
 
     def handle_alloc(self, conn: ServerConnection, frame: Frame) -> dict:
         h = frame.header
-        self._internal(h, Op.EXT_ALLOC, h["job"], h["size"])
-        return {"ext": self.alloc(str(h["job"]), h["size"])}
+        self._internal(h, Op.EXT_ALLOC, h["job"], h["size"], h.get("owner"))
+        return {"ext": self.alloc(str(h["job"]), h["size"], check_owner(h.get("owner")))}
 
     def handle_write(self, conn: ServerConnection, frame: Frame):
         if not frame.sunk:
@@ -301,6 +336,21 @@ class StorageServer(Server):
         self._internal(frame.header, Op.EXT_FREE, ids)
         return {"freed": sum(self.free(i) for i in ids)}
 
+    def reclaim(self, owner: str) -> tuple[int, int]:
+        """Free every extent ``owner`` allocated; returns (extents, bytes) freed."""
+        ids = list(self.owners.get(owner, ()))
+        return len(ids), sum(self.free(i) for i in ids)
+
+    def handle_reclaim(self, conn: ServerConnection, frame: Frame) -> dict:
+        """The controller says metadata server ``owner`` is dead: its extents are unreachable."""
+        owner = frame.header.get("owner")
+        self._internal(frame.header, Op.EXT_RECLAIM, owner)
+        count, freed = self.reclaim(check_owner(owner, required=True))
+        if count:
+            log.warning("reclaimed %d extents (%d bytes) of metadata server instance %s, "
+                        "which the controller declared dead", count, freed, owner)
+        return {"extents": count, "freed": freed}
+
     def metric_gauges(self) -> list:
         gauges = [
             ("pocket_storage_used_bytes", "Bytes stored (allocated blocks)", self.used),
@@ -318,7 +368,8 @@ class StorageServer(Server):
     def stats(self) -> dict:
         usage = self._meter.read(self.bytes_in, self.bytes_out)
         usage.update({"tier": self.tier, "capacity": self.capacity, "used": self.used,
-                      "extents": len(self.extents)})
+                      "extents": len(self.extents),
+                      "owners": list(itertools.islice(self.owners, MAX_REPORTED_OWNERS))})
         if self.flash:
             dev = self._dev_meter.read(self.device.bytes_read, self.device.bytes_written)
             usage.update({"dev_read": dev["net_in"], "dev_write": dev["net_out"],
