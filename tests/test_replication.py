@@ -16,7 +16,8 @@ import pytest
 
 import pocket
 import pocket.aio
-from pocket.controller.planner import NodeLoad, pack_allocation, pack_replicated
+from pocket.controller.planner import (DEFAULT_PROFILES, NodeLoad, TierView, pack_allocation,
+                                      pack_replicated, plan_allocation)
 from pocket.errors import IntegrityError, InvalidRequest, ProtocolError, Unavailable
 from pocket.metadata.placement import WeightedChooser, plan_replicated
 from pocket.protocol import Op
@@ -105,6 +106,15 @@ def test_pack_replicated_spreads_a_small_job_over_two_nodes() -> None:
     single = pack_replicated(10, 20, nodes()[:1], 2)  # one node: half stays unmet
     assert [s.node for s in single.slices] == ["n1"]
     assert (single.unmet_throughput, single.unmet_capacity) == (5, 10)
+
+
+@pytest.mark.timeout(10)
+def test_a_replicated_allocation_holds_every_copy() -> None:
+    cluster = {"dram": TierView(DEFAULT_PROFILES["dram"], nodes=4, spare_throughput=4e9,
+                                spare_capacity=200 * 10**9)}
+    one = plan_allocation({"capacity": 10 * MiB, "throughput": 1e8}, cluster)
+    two = plan_allocation({"capacity": 10 * MiB, "throughput": 1e8, "replicas": 2}, cluster)
+    assert two.capacity == 2 * one.capacity and two.throughput == one.throughput
 
 
 # -- reading copies (sans-IO) -----------------------------------------------------------------
@@ -206,6 +216,19 @@ def test_replicas_on_a_single_node_cluster_is_a_clear_error(make_cluster) -> Non
         assert c.status()["jobs"][0]["id"] == job.id
         job.put("x", b"x" * 200_000)
         assert job.get("x") == b"x" * 200_000
+        job.deregister()
+
+
+@pytest.mark.timeout(90)
+def test_replicas_on_one_node_asks_the_provider_for_a_second(make_cluster) -> None:
+    c = make_cluster(dram=1, capacity="64MiB", provider="local", max_nodes=2)
+    with pocket.connect(c.address) as cl:
+        job = cl.register_job("grow", replicas=2, capacity="1MiB")  # fits the one node
+        assert len(job.weights) == 2
+        assert sum(1 for n in cl.status()["nodes"] if n["role"] == "storage") == 2
+        data = os.urandom(MiB)
+        job.put("x", data)
+        assert len(job.lookup("x").servers) == 2 and job.get("x") == data
         job.deregister()
 
 
