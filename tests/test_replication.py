@@ -186,7 +186,7 @@ def test_piece_plan_refuses_malformed_replies() -> None:
 
 def pieces_of(job: pocket.Job, name: str) -> list:
     """The GET reply's pieces of a replicated object (read lease released)."""
-    h = job._md(Op.GET, {"name": name, "dar": False}).header
+    h = job._md(Op.GET, {"name": name, "dar": False, "copies": True}).header
     job._md_no_reply(Op.RELEASE, {"lease": h["lease"]})
     return h["pieces"]
 
@@ -280,7 +280,8 @@ def test_a_bad_copy_is_read_from_the_other_one(make_cluster) -> None:
         job = cl.register_job("corrupt", replicas=2, checksums=True)
         data = os.urandom(300_000)
         # A put by hand that writes wrong bytes to the first copy only (as a bad disk would).
-        h = job._md(Op.PUT_BEGIN, {"name": "x", "size": len(data), "persist": False}).header
+        h = job._md(Op.PUT_BEGIN, {"name": "x", "size": len(data), "persist": False,
+                                   "copies": True}).header
         (piece,) = piece_plan(h["pieces"], len(data), with_checksums=False)
         wrong = bytearray(data)
         wrong[1234] ^= 0x40
@@ -292,6 +293,11 @@ def test_a_bad_copy_is_read_from_the_other_one(make_cluster) -> None:
         job._md(Op.PUT_COMMIT, {"put": h["put"], "crc": [checksum(data)]})
         for _ in range(4):  # whichever copy a get starts with, it returns the right bytes
             assert job.get("x") == data
+        # A client that does not know replication is refused, never handed a reply it misreads.
+        with pytest.raises(InvalidRequest, match="does not know replication"):
+            job._md(Op.GET, {"name": "x", "dar": False})
+        with pytest.raises(InvalidRequest, match="does not know replication"):
+            job._md(Op.PUT_BEGIN, {"name": "y", "size": len(data), "persist": False})
 
         async def aio() -> None:
             ajob = await pocket.aio.attach(job.id, job.token, c.address)

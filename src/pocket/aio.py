@@ -64,6 +64,8 @@ class AsyncJob:
         self.replicas: int = reply.get("replicas", 1)
         self._spread = itertools.count()
         self._suspect: dict[str, float] = {}
+        #: Sent with GET in replicated jobs: this client reads ``pieces``.
+        self._copies = {"copies": True} if self.replicas > 1 else {}
         self._conns = conns
         self._owns = owns
         self._auth = {"job": self.id, "tok": self.token}
@@ -84,8 +86,10 @@ class AsyncJob:
         if size <= self.inline_max:
             await self._md(Op.PUT_INLINE, {"name": name, "persist": bool(persist)}, view)
             return
-        reply = await self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist)})
-        h = reply.header
+        fields = {"name": name, "size": size, "persist": bool(persist)}
+        if self.replicas > 1:
+            fields["copies"] = True  # this client writes every copy
+        h = (await self._md(Op.PUT_BEGIN, fields)).header
         put_id = h["put"]
         commit: dict = {"put": put_id}
         try:
@@ -149,7 +153,8 @@ class AsyncJob:
 
     async def get(self, name: str, delete_after_read: bool = False) -> bytes:
         """The object's bytes; :class:`NotFound` if there is none."""
-        reply = await self._md(Op.GET, {"name": name, "dar": bool(delete_after_read)})
+        reply = await self._md(Op.GET, {"name": name, "dar": bool(delete_after_read),
+                                        **self._copies})
         h = reply.header
         if "lease" not in h:  # inline: the bytes came with the reply
             return bytes(reply.payload)
@@ -161,7 +166,7 @@ class AsyncJob:
         """Read the object into ``buffer``; return its size (no extra copy)."""
         dest = writable_view(buffer)
         reply = await self._md(Op.GET, {"name": name, "dar": bool(delete_after_read),
-                                        "max": dest.nbytes})
+                                        "max": dest.nbytes, **self._copies})
         h = reply.header
         size = h["size"]
         if size > dest.nbytes:

@@ -284,8 +284,10 @@ class Job:
         if size <= self.inline_max:
             self._md(Op.PUT_INLINE, {"name": name, "persist": bool(persist)}, view)
             return
-        reply = self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist)})
-        h = reply.header
+        fields = {"name": name, "size": size, "persist": bool(persist)}
+        if self.replicas > 1:
+            fields["copies"] = True  # this client writes every copy
+        h = self._md(Op.PUT_BEGIN, fields).header
         put_id = h["put"]
         commit: dict = {"put": put_id}
         try:
@@ -308,6 +310,8 @@ class Job:
 
     def _locate(self, name: str, delete_after_read: bool, limit: Optional[int] = None) -> Frame:
         fields = {"name": name, "dar": bool(delete_after_read)}
+        if self.replicas > 1:
+            fields["copies"] = True  # this client reads replicated objects
         if limit is not None:
             fields["max"] = limit  # refused (and nothing deleted) if the object is larger
         return self._md(Op.GET, fields)

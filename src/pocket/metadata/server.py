@@ -12,7 +12,9 @@ A job registered with ``replicas=2`` has each piece of its large objects
 allocated on two distinct storage servers (:func:`plan_replicated`); its
 ``PUT_BEGIN`` and ``GET`` replies carry ``pieces`` (every copy of every
 piece) instead of ``ext``, and its ``PUT_COMMIT`` one checksum per piece.
-Unreplicated jobs see exactly the format they always did.
+Its clients say they know this (``copies: true`` in ``PUT_BEGIN`` and
+``GET``); an older client is refused rather than handed a reply it would
+misread.  Unreplicated jobs see exactly the format they always did.
 """
 
 from __future__ import annotations
@@ -280,6 +282,9 @@ class MetadataServer(Server):
         if not isinstance(size, int) or size <= 0:
             raise InvalidRequest("size must be a positive integer")
         if job.replicas > 1:
+            if not h.get("copies"):  # an older client would misread the reply
+                raise InvalidRequest(f"job {job.job_id} keeps {job.replicas} copies; this "
+                                     f"client does not know replication (update it)")
             return await self._put_begin_replicated(job, name, size, bool(h.get("persist")))
         extents = await self._allocate(job, size)
         put_id = next(self._ids)
@@ -468,6 +473,10 @@ class MetadataServer(Server):
         obj = job.objects.get(name)
         if obj is None:
             raise NotFound(f"no object {name!r}")
+        if obj.pieces is not None and not h.get("copies"):
+            # An older client would take a reply without ``ext`` for an inline object.
+            raise InvalidRequest(f"object {name!r} is replicated; this client does not know "
+                                 f"replication (update it)")
         limit = h.get("max")
         if limit is not None and obj.size > limit:  # checked before delete_after_read
             raise InvalidRequest(f"object {name!r} has {obj.size} bytes; the buffer holds {limit}")
