@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from ..replication import MAX_REPLICAS, check_replicas  # noqa: F401  (re-exported)
-
 #: Objects at least this large are split across the weight map's servers.
 DEFAULT_SPLIT_SIZE = 8 << 20
 

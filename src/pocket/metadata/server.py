@@ -31,11 +31,11 @@ from ..connection import AsyncConnection, AsyncConnectionCache
 from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound, PocketError, Unavailable
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
+from ..replication import check_replicas
 from ..server import Server, ServerConnection
 from ..security import DEFAULT_CAPABILITY_TTL
 from ..storage.server import FLASH_TIERS, TIERS
-from .placement import (DEFAULT_SPLIT_SIZE, WeightedChooser, check_replicas, plan_pieces,
-                        plan_replicated)
+from .placement import DEFAULT_SPLIT_SIZE, WeightedChooser, plan_pieces, plan_replicated
 
 log = logging.getLogger("pocket.metadata")
 
