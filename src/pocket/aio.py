@@ -12,8 +12,10 @@ One connection per server carries all of a client's requests at once
 from __future__ import annotations
 
 import asyncio
+import itertools
 import mmap
 import os
+import time
 import weakref
 from typing import Any, Optional
 
@@ -22,6 +24,8 @@ from .client import (ObjectInfo, byte_view, default_controller, extent_plan, inf
 from .connection import DEFAULT_TIMEOUT, AsyncConnectionCache
 from .errors import InvalidRequest, NotFound, PocketError, ProtocolError
 from .protocol import Buffer, Frame, Op
+from .replication import SUSPECT_FOR, CopyReads, piece_plan, read_requests
+from .security import checksum
 
 __all__ = ["AsyncCluster", "AsyncJob", "attach", "connect", "ObjectInfo"]
 
@@ -57,6 +61,12 @@ class AsyncJob:
         self.metadata: str = reply["md"]
         self.inline_max: int = reply.get("inline_max", 64 << 10)
         self.weights: dict = reply.get("weights", {})
+        #: Copies kept of each large object (``register_job(..., replicas=2)``).
+        self.replicas: int = reply.get("replicas", 1)
+        self._spread = itertools.count()
+        self._suspect: dict[str, float] = {}
+        #: Sent with GET in replicated jobs: this client reads ``pieces``.
+        self._copies = {"copies": True} if self.replicas > 1 else {}
         self._conns = conns
         self._owns = owns
         self._auth = {"job": self.id, "tok": self.token}
@@ -90,19 +100,31 @@ class AsyncJob:
         return await self._conns.request(self.metadata, opcode, {**self._auth, **fields}, payload)
 
     async def put(self, name: str, data: Any, persist: bool = False) -> None:
-        """Store ``data`` under ``name`` (atomic; replaces an old object)."""
+        """Store ``data`` under ``name`` (atomic; replaces an old object).
+
+        With ``replicas=2`` every copy is written before the commit; a failed
+        copy fails the put (Unavailable) and frees what it allocated."""
         view = byte_view(data)
         size = view.nbytes
         if size <= self.inline_max:
             await self._md(Op.PUT_INLINE, {"name": name, "persist": bool(persist)}, view)
             return
-        reply = await self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist)})
-        put_id = reply.header["put"]
-        plan = extent_plan(reply.header["ext"])
+        fields = {"name": name, "size": size, "persist": bool(persist)}
+        if self.replicas > 1:
+            fields["copies"] = True  # this client writes every copy
+        h = (await self._md(Op.PUT_BEGIN, fields)).header
+        put_id = h["put"]
         commit: dict = {"put": put_id}
         try:
-            if reply.header.get("sum"):
-                commit["crc"] = piece_checksums(view, plan)
+            if "pieces" in h:  # replicated: every copy of every piece
+                pieces = piece_plan(h["pieces"], size, with_checksums=False)
+                plan = [e for piece in pieces for copy in piece.copies for e in copy]
+                if h.get("sum"):
+                    commit["crc"] = [checksum(view[p.offset:p.offset + p.length]) for p in pieces]
+            else:
+                plan = extent_plan(h["ext"])
+                if h.get("sum"):
+                    commit["crc"] = piece_checksums(view, plan)
             await asyncio.gather(*(
                 self._conns.request(address, Op.EXT_WRITE, {"ext": ext, "off": 0, "cap": cap},
                                     view[offset:offset + length])
@@ -114,6 +136,8 @@ class AsyncJob:
         await self._md(Op.PUT_COMMIT, commit)
 
     async def _read_extents(self, h: dict, dest: memoryview) -> None:
+        if "pieces" in h:
+            return await self._read_copies(h, dest)
         try:
             plan = extent_plan(h["ext"])
             frames = await asyncio.gather(*(
@@ -128,11 +152,34 @@ class AsyncJob:
             await self._conns.send_no_reply(self.metadata, Op.RELEASE,
                                             {**self._auth, "lease": h["lease"]})
 
+    async def _read_copies(self, h: dict, dest: memoryview) -> None:
+        """A replicated object: one copy of each piece, the other where one fails."""
+        try:
+            now = time.monotonic()
+            suspect = {a for a, t in self._suspect.items() if now - t < SUSPECT_FOR}
+            reads = CopyReads(piece_plan(h["pieces"], h["size"], with_checksums=True),
+                              next(self._spread), suspect)
+            todo = reads.first()
+            while todo:
+                outcomes = await asyncio.gather(*(
+                    self._conns.request(address, Op.EXT_READ, header, into=into)
+                    for address, header, into in read_requests(todo, dest)),
+                    return_exceptions=True)
+                try:
+                    todo = reads.settle(todo, outcomes, dest)
+                finally:
+                    for address in reads.down:
+                        self._suspect[address] = time.monotonic()
+        finally:
+            await self._conns.send_no_reply(self.metadata, Op.RELEASE,
+                                            {**self._auth, "lease": h["lease"]})
+
     async def get(self, name: str, delete_after_read: bool = False) -> bytes:
         """The object's bytes; :class:`NotFound` if there is none."""
-        reply = await self._md(Op.GET, {"name": name, "dar": bool(delete_after_read)})
+        reply = await self._md(Op.GET, {"name": name, "dar": bool(delete_after_read),
+                                        **self._copies})
         h = reply.header
-        if "ext" not in h:
+        if "lease" not in h:  # inline: the bytes came with the reply
             return bytes(reply.payload)
         buf = bytearray(h["size"])
         await self._read_extents(h, memoryview(buf))
@@ -142,7 +189,7 @@ class AsyncJob:
         """Read the object into ``buffer``; return its size (no extra copy)."""
         dest = writable_view(buffer)
         reply = await self._md(Op.GET, {"name": name, "dar": bool(delete_after_read),
-                                        "max": dest.nbytes})
+                                        "max": dest.nbytes, **self._copies})
         h = reply.header
         size = h["size"]
         if size > dest.nbytes:
@@ -150,7 +197,7 @@ class AsyncJob:
                 await self._conns.send_no_reply(self.metadata, Op.RELEASE,
                                                 {**self._auth, "lease": h["lease"]})
             raise InvalidRequest(f"object {name!r} has {size} bytes; the buffer holds {dest.nbytes}")
-        if "ext" not in h:
+        if "lease" not in h:
             dest[:size] = reply.payload
         else:
             await self._read_extents(h, dest)
@@ -233,13 +280,14 @@ class AsyncCluster:
                            capacity: int | str | None = None, throughput: int | str | None = None,
                            latency_sensitive: Optional[bool] = None,
                            tier: Optional[str] = None, checksums: Optional[bool] = None,
-                           lease: float | str | None = None) -> AsyncJob:
-        """Register a job; every hint is optional (``checksums`` and ``lease`` as in
-        :meth:`pocket.Cluster.register_job`).  The handle renews the job's lease until it
-        is closed or deregistered (or this cluster handle is closed)."""
+                           lease: float | str | None = None,
+                           replicas: Optional[int] = None) -> AsyncJob:
+        """Register a job; every hint is optional (``checksums``, ``lease`` and ``replicas``
+        (1 or 2) as in :meth:`pocket.Cluster.register_job`).  The handle renews the job's
+        lease until it is closed or deregistered (or this cluster handle is closed)."""
         header: dict = {"name": name,
                         "hints": job_hints(lambdas, capacity, throughput, latency_sensitive),
-                        **job_options(checksums, lease)}
+                        **job_options(checksums, lease, replicas)}
         if tier is not None:
             header["tier"] = tier
         reply = await self._conns.request(self.address, Op.JOB_REGISTER, header)

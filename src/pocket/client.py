@@ -9,16 +9,20 @@ nothing in Python.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from .connection import DEFAULT_TIMEOUT, BlockingConnection, ConnectionPool
 from .errors import InvalidRequest, NotFound, PocketError, ProtocolError, Unavailable
 from .protocol import Buffer, Frame, Op
+from .replication import (SUSPECT_FOR, CopyReads, check_replicas, extent_plan, piece_plan,
+                          read_requests)
 from .security import checksum, verify_checksum
 
 DEFAULT_CONTROLLER = "127.0.0.1:7070"
@@ -72,16 +76,6 @@ def info_from_header(name: str, h: dict) -> ObjectInfo:
                       tuple(h.get("servers", ())))
 
 
-def extent_plan(extents: Sequence) -> list[tuple]:
-    """``[(address, extent id, offset in object, length, capability, checksum or None)]`` from
-    a metadata reply (``[address, extent id, length, capability(, checksum)]`` each)."""
-    plan, offset = [], 0
-    for address, ext_id, length, cap, *crc in extents:
-        plan.append((address, ext_id, offset, length, cap, crc[0] if crc else None))
-        offset += length
-    return plan
-
-
 def piece_checksums(view: memoryview, plan: list) -> list[int]:
     """The writer's checksum of each extent's piece of the object."""
     return [checksum(view[offset:offset + length]) for _, _, offset, length, _, _ in plan]
@@ -93,9 +87,12 @@ def verify_pieces(dest: memoryview, plan: list) -> None:
         verify_checksum(dest[offset:offset + length], crc, f"extent {ext_id} on {address}")
 
 
-def job_options(checksums: Optional[bool], lease: Any) -> dict:
-    """Per-job settings beside the hints: DRAM checksums and the job's lease (seconds)."""
+def job_options(checksums: Optional[bool], lease: Any, replicas: Optional[int] = None) -> dict:
+    """Per-job settings beside the hints: DRAM checksums, the job's lease (seconds) and its
+    copies of each large object (``replicas``: 1 or 2; InvalidRequest otherwise)."""
     options: dict = {}
+    if replicas is not None and check_replicas(replicas) != 1:
+        options["replicas"] = replicas
     if checksums is not None:
         options["checksums"] = bool(checksums)
     if lease is not None:
@@ -123,6 +120,11 @@ class Job:
         self.metadata: str = reply["md"]
         self.inline_max: int = reply.get("inline_max", 64 << 10)
         self.weights: dict = reply.get("weights", {})
+        #: Copies kept of each large object (``register_job(..., replicas=2)``).
+        self.replicas: int = reply.get("replicas", 1)
+        self._spread = itertools.count()
+        #: Storage addresses a replicated read found unreachable → when (read them last).
+        self._suspect: dict[str, float] = {}
         self._pool = pool
         self._owns_pool = owns_pool
         self._auth = {"job": self.id, "tok": self.token}
@@ -210,6 +212,35 @@ class Job:
             raise error
         return frames
 
+    def _exchange_settled(self, requests: list) -> list:
+        """Like :meth:`_exchange`, but a reply or the PocketError for every request: a server
+        that fails fails all of its requests, the others' replies are kept."""
+        by_address: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_address.setdefault(request[0], []).append(index)
+        outcomes: list = [None] * len(requests)
+
+        def one(indices: list[int]) -> None:
+            try:
+                frames: list = self._exchange_one([requests[i] for i in indices])
+            except PocketError as exc:
+                frames = [exc] * len(indices)
+            for index, frame in zip(indices, frames):
+                outcomes[index] = frame
+
+        groups = list(by_address.values())
+        if len(groups) == 1:
+            one(groups[0])
+            return outcomes
+        if self._threads is None:
+            with self._lock:
+                if self._threads is None:
+                    self._threads = ThreadPoolExecutor(max_workers=8,
+                                                       thread_name_prefix="pocket-io")
+        for future in [self._threads.submit(one, indices) for indices in groups]:
+            future.result()
+        return outcomes
+
     def _exchange_one(self, requests: list) -> list[Frame]:
         conns: dict[str, BlockingConnection] = {}
         sent: list[tuple[BlockingConnection, int]] = []
@@ -243,20 +274,32 @@ class Job:
     def put(self, name: str, data: Any, persist: bool = False) -> None:
         """Store ``data`` (bytes-like or numpy) under ``name``; replaces any old object.
 
-        The object becomes visible only when all of it is written.
+        The object becomes visible only when all of it is written.  In a job
+        with ``replicas=2`` every copy is written (in parallel) before the
+        commit; if any copy's server fails, the put raises (Unavailable) and
+        frees everything it allocated — nothing is half-replicated.
         """
         view = byte_view(data)
         size = view.nbytes
         if size <= self.inline_max:
             self._md(Op.PUT_INLINE, {"name": name, "persist": bool(persist)}, view)
             return
-        reply = self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist)})
-        put_id = reply.header["put"]
-        plan = extent_plan(reply.header["ext"])
+        fields = {"name": name, "size": size, "persist": bool(persist)}
+        if self.replicas > 1:
+            fields["copies"] = True  # this client writes every copy
+        h = self._md(Op.PUT_BEGIN, fields).header
+        put_id = h["put"]
         commit: dict = {"put": put_id}
         try:
-            if reply.header.get("sum"):
-                commit["crc"] = piece_checksums(view, plan)
+            if "pieces" in h:  # replicated: every copy of every piece
+                pieces = piece_plan(h["pieces"], size, with_checksums=False)
+                plan = [e for piece in pieces for copy in piece.copies for e in copy]
+                if h.get("sum"):
+                    commit["crc"] = [checksum(view[p.offset:p.offset + p.length]) for p in pieces]
+            else:
+                plan = extent_plan(h["ext"])
+                if h.get("sum"):
+                    commit["crc"] = piece_checksums(view, plan)
             self._exchange([(address, Op.EXT_WRITE, {"ext": ext, "off": 0, "cap": cap},
                              view[offset:offset + length], None)
                             for address, ext, offset, length, cap, _ in plan])
@@ -267,12 +310,16 @@ class Job:
 
     def _locate(self, name: str, delete_after_read: bool, limit: Optional[int] = None) -> Frame:
         fields = {"name": name, "dar": bool(delete_after_read)}
+        if self.replicas > 1:
+            fields["copies"] = True  # this client reads replicated objects
         if limit is not None:
             fields["max"] = limit  # refused (and nothing deleted) if the object is larger
         return self._md(Op.GET, fields)
 
     def _read_extents(self, h: dict, dest: memoryview) -> None:
         """Receive an object's extents into ``dest``, then release the read lease."""
+        if "pieces" in h:
+            return self._read_copies(h, dest)
         try:
             plan = extent_plan(h["ext"])
             frames = self._exchange([(address, Op.EXT_READ,
@@ -283,6 +330,26 @@ class Job:
                 if not frame.sunk:
                     raise ProtocolError("a storage server answered a read with the wrong size")
             verify_pieces(dest, plan)
+        finally:
+            self._md_no_reply(Op.RELEASE, {"lease": h["lease"]})
+
+    def _read_copies(self, h: dict, dest: memoryview) -> None:
+        """A replicated object: one copy of each piece, the other where one fails."""
+        try:
+            now = time.monotonic()
+            suspect = {a for a, t in self._suspect.items() if now - t < SUSPECT_FOR}
+            reads = CopyReads(piece_plan(h["pieces"], h["size"], with_checksums=True),
+                              next(self._spread), suspect)
+            todo = reads.first()
+            while todo:
+                outcomes = self._exchange_settled([(address, Op.EXT_READ, header, None, into)
+                                                   for address, header, into
+                                                   in read_requests(todo, dest)])
+                try:
+                    todo = reads.settle(todo, outcomes, dest)
+                finally:
+                    for address in reads.down:
+                        self._suspect[address] = time.monotonic()
         finally:
             self._md_no_reply(Op.RELEASE, {"lease": h["lease"]})
 
@@ -298,7 +365,7 @@ class Job:
         """
         reply = self._locate(name, delete_after_read)
         h = reply.header
-        if "ext" not in h:
+        if "lease" not in h:  # inline: the bytes came with the reply
             return bytes(reply.payload)
         buf = bytearray(h["size"])
         self._read_extents(h, memoryview(buf))
@@ -316,7 +383,7 @@ class Job:
         if size > dest.nbytes:
             self._release(h)
             raise InvalidRequest(f"object {name!r} has {size} bytes; the buffer holds {dest.nbytes}")
-        if "ext" not in h:
+        if "lease" not in h:
             dest[:size] = reply.payload
         else:
             self._read_extents(h, dest)
@@ -344,7 +411,7 @@ class Job:
         size = h["size"]
         try:
             with open(path, "wb+") as f:
-                if "ext" not in h:
+                if "lease" not in h:
                     f.write(reply.payload)
                     return size
                 f.truncate(size)
@@ -423,17 +490,24 @@ class Cluster:
                      capacity: int | str | None = None, throughput: int | str | None = None,
                      latency_sensitive: Optional[bool] = None,
                      tier: Optional[str] = None, checksums: Optional[bool] = None,
-                     lease: float | str | None = None) -> Job:
+                     lease: float | str | None = None, replicas: Optional[int] = None) -> Job:
         """Register a job; every hint is optional (ints or human units: ``"4GiB"``, ``"1GB/s"``).
 
         ``checksums=True`` checksums DRAM extents too (flash ones always are).
         ``lease``: the job is reclaimed (as if deregistered; persisted objects
         kept) once nobody has used it for this long (default: the metadata
         server's ``--job-lease``, 60 s); this handle renews it while open.
+        ``replicas=2`` keeps two copies of each large object on two distinct
+        storage servers, so a get survives one server's death (twice the
+        space and write traffic; small inline objects live in the metadata
+        server and are unaffected; lost copies are not re-made).  The
+        default is 1; any other value raises InvalidRequest.  ``replicas=2``
+        raises Unavailable when the job's tier has fewer than two storage
+        servers and no node provider can add one.
         """
         header: dict = {"name": name,
                         "hints": job_hints(lambdas, capacity, throughput, latency_sensitive),
-                        **job_options(checksums, lease)}
+                        **job_options(checksums, lease, replicas)}
         if tier is not None:
             header["tier"] = tier
         reply = self._controller(Op.JOB_REGISTER, header)

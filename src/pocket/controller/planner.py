@@ -213,11 +213,14 @@ def plan_allocation(hints: Mapping[str, object], cluster: Mapping[str, TierView]
     """The cheapest allocation that meets the hints (the table in docs/POLICY.md).
 
     ``hints`` holds any of ``lambdas``, ``capacity`` (bytes), ``throughput``
-    (bytes/s), ``latency_sensitive`` and ``tier``; ``cluster`` maps each tier
-    to a :class:`TierView`.  Raises :class:`Unavailable` when an explicit
-    tier, or every tier, has no node and no provider to add one.
+    (bytes/s), ``latency_sensitive``, ``tier`` and ``replicas``; ``cluster``
+    maps each tier to a :class:`TierView`.  A job keeping ``replicas`` copies
+    of its objects is allocated ``replicas`` × the capacity (its throughput
+    is left as hinted: reads move one copy).  Raises :class:`Unavailable`
+    when an explicit tier, or every tier, has no node and no provider to add one.
     """
     throughput, capacity, derived = job_demand(hints, config)
+    capacity *= int(hints.get("replicas") or 1)  # type: ignore[call-overload]
     tier = hints.get("tier")
     if tier:
         view = cluster.get(tier)  # type: ignore[arg-type]
@@ -375,6 +378,37 @@ def pack_allocation(throughput: int, capacity: int, nodes: Iterable[NodeLoad]) -
             rem_t -= t
             rem_c -= c
     return Packing(tuple(slices), rem_t, rem_c)
+
+
+def pack_replicated(throughput: int, capacity: int, nodes: Iterable[NodeLoad],
+                    replicas: int) -> Packing:
+    """:func:`pack_allocation` for a job that keeps ``replicas`` copies of each object,
+    whose weight map must name at least ``replicas`` nodes (each copy of a piece
+    goes to a distinct node).
+
+    The allocation is cut into ``replicas`` equal parts; the first is packed
+    as usual (fullest first), each next one only into nodes the earlier parts
+    did not use.  So a small job that would fit in one node is spread over
+    ``replicas`` nodes when the tier has them; what cannot be placed on new
+    nodes is left unmet (for a node provider, or overcommit).  With
+    ``replicas=1`` this is :func:`pack_allocation`.
+    """
+    if replicas <= 1:
+        return pack_allocation(throughput, capacity, nodes)
+    nodes = list(nodes)
+    slices: list[Slice] = []
+    used: set[str] = set()
+    unmet_t = unmet_c = 0
+    for k in range(replicas):
+        last = k == replicas - 1
+        t = throughput - (throughput // replicas) * k if last else throughput // replicas
+        c = capacity - (capacity // replicas) * k if last else capacity // replicas
+        part = pack_allocation(max(1, t), max(1, c), [n for n in nodes if n.id not in used])
+        slices.extend(part.slices)
+        used.update(s.node for s in part.slices)
+        unmet_t += part.unmet_throughput
+        unmet_c += part.unmet_capacity
+    return Packing(tuple(slices), unmet_t, unmet_c)
 
 
 def spread_allocation(throughput: int, capacity: int, nodes: Sequence[NodeLoad]) -> Packing:

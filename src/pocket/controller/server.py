@@ -21,13 +21,14 @@ from typing import Optional
 from ..connection import AsyncConnectionCache
 from ..errors import AccessDenied, InvalidRequest, NotFound, PocketError, Unavailable
 from ..protocol import Frame, Limits, Op
+from ..replication import check_replicas
 from ..server import Server, ServerConnection
 from ..storage.server import MAX_OWNER_LEN, MAX_REPORTED_OWNERS, TIERS
 from ..units import format_size
 from .planner import (DEFAULT_CONFIG, DEFAULT_PROFILES, TIER_ORDER, Allocation, AllocationLedger,
                       JobUsage, NodeLoad, NodeProfile, Packing, PlannerConfig, Slice,
                       allocation_rates, format_rate, nodes_needed, pack_allocation,
-                      plan_allocation, spread_allocation, weight_map)
+                      pack_replicated, plan_allocation, spread_allocation, weight_map)
 from .policy import expired, job_slug, least_loaded, normalise_hints, weights_by_free_capacity
 from .autoscale import ScalingPolicy
 from .monitor import AutoscaleMonitor
@@ -82,6 +83,8 @@ class JobRecord:
     overcommitted: float = 0.0
     usage: JobUsage = field(default_factory=lambda: JobUsage(time.monotonic()))
     spill: list = field(default_factory=list)
+    #: Copies of each large object, on distinct storage servers (1 or 2).
+    replicas: int = 1
 
 
 class ControllerServer(Server):
@@ -372,6 +375,7 @@ class ControllerServer(Server):
         tier = h.get("tier")
         if tier is not None and tier not in TIERS:
             raise InvalidRequest(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+        replicas = check_replicas(h.get("replicas", 1))
         metadata = self._active("metadata")
         if not metadata:
             raise Unavailable("no metadata server has registered with the controller")
@@ -382,14 +386,16 @@ class ControllerServer(Server):
         token = secrets.token_urlsafe(24)
         can_add = {t: self.provider.available(t) for t in TIER_ORDER}
         view = self.ledger.view(self.profiles, can_add)
-        allocation = plan_allocation({**hints, "tier": tier}, view, self.planner)
-        slices, overcommitted = await self._place(job_id, allocation)
+        allocation = plan_allocation({**hints, "tier": tier, "replicas": replicas}, view,
+                                     self.planner)
+        slices, overcommitted = await self._place(job_id, allocation, replicas)
         try:
             weights = weight_map(slices, allocation.throughput, allocation.capacity)
             job = JobRecord(job_id, name, token, allocation.tier, md, hints, weights,
                             allocation=allocation, overcommitted=overcommitted,
                             usage=JobUsage(time.monotonic(),
-                                           allocation_rates(slices, self.ledger.nodes)))
+                                           allocation_rates(slices, self.ledger.nodes)),
+                            replicas=replicas)
             job.spill = self._spill_levels(job)
             await self._md_request(md, Op.JOB_ADD, {
                 "job": job_id, "tok": token, "name": name, **self._map_header(job),
@@ -404,8 +410,11 @@ class ControllerServer(Server):
 
     @staticmethod
     def _job_options(h: dict) -> dict:
-        """Per-job settings the metadata server applies: DRAM checksums, the job's lease."""
+        """Per-job settings the metadata server applies: DRAM checksums, the job's lease,
+        copies (``replicas``, validated at registration; sent only when not 1)."""
         options = {}
+        if h.get("replicas", 1) != 1:
+            options["replicas"] = h["replicas"]
         if isinstance(h.get("checksums"), bool):
             options["checksums"] = h["checksums"]
         lease = h.get("lease")
@@ -413,13 +422,17 @@ class ControllerServer(Server):
             options["lease"] = float(lease)
         return options
 
-    async def _place(self, job_id: str, allocation: Allocation) -> tuple[list[Slice], float]:
+    async def _place(self, job_id: str, allocation: Allocation,
+                     replicas: int = 1) -> tuple[list[Slice], float]:
         """Pack the allocation into its tier: existing nodes, then new ones, then overcommit.
 
+        A job keeping ``replicas`` copies gets at least that many nodes
+        (:func:`pack_replicated`; a provider is asked for the missing ones),
+        or Unavailable if the tier cannot have them.
         Returns the slices (already in the ledger) and the overcommitted fraction.
         """
         tier, T, C = allocation.tier, allocation.throughput, allocation.capacity
-        packing = pack_allocation(T, C, self.ledger.tier_nodes(tier, job_id))
+        packing = pack_replicated(T, C, self.ledger.tier_nodes(tier, job_id), replicas)
         self.ledger.take(job_id, packing.slices)
         slices = list(packing.slices)
         rem_t, rem_c = packing.unmet_throughput, packing.unmet_capacity
@@ -453,6 +466,12 @@ class ControllerServer(Server):
                             "overcommitting the %d existing %s nodes", job_id, tier,
                             overcommitted * 100, format_rate(T), format_size(C), why, len(nodes),
                             tier)
+            spread = len({s.node for s in slices})
+            if spread < replicas:
+                can = ("no node provider is configured" if isinstance(self.provider, NoProvider)
+                       else f"the {self.provider.name} provider can start no more")
+                raise Unavailable(f"replicas={replicas} needs {replicas} distinct {tier} storage "
+                                  f"servers; the tier has {spread} and {can}")
         except BaseException:
             self.ledger.release(job_id)
             raise
@@ -549,6 +568,8 @@ class ControllerServer(Server):
         reply = {"job": job.id, "tok": job.token, "name": job.name, "md": md.address,
                  "tier": job.tier, "weights": job.weights,
                  "inline_max": md.info.get("inline_max", 64 << 10)}
+        if job.replicas != 1:
+            reply["replicas"] = job.replicas
         if job.allocation is not None:
             reply["allocation"] = job.allocation.as_dict()
         return reply
@@ -610,6 +631,7 @@ class ControllerServer(Server):
                          "metadata": md.address if md else None, "metadata_id": j.metadata,
                          "weight_map": j.weights, "hints": j.hints,
                          "overcommitted": round(j.overcommitted, 4),
+                         "replicas": j.replicas,
                          "spill": [t for t, _ in j.spill],
                          "objects": usage.get("objects", 0), "bytes": usage.get("bytes", 0),
                          **self._cost_fields(j)})

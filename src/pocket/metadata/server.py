@@ -13,6 +13,14 @@ at start and sent with the registration: storage servers group extents by it,
 so that the extents of a metadata server that died or restarted (its
 namespaces, held only in memory, are gone) are freed when the controller says
 so (``EXT_RECLAIM``; see ``pocket.controller.reclaim``).
+
+A job registered with ``replicas=2`` has each piece of its large objects
+allocated on two distinct storage servers (:func:`plan_replicated`); its
+``PUT_BEGIN`` and ``GET`` replies carry ``pieces`` (every copy of every
+piece) instead of ``ext``, and its ``PUT_COMMIT`` one checksum per piece.
+Its clients say they know this (``copies: true`` in ``PUT_BEGIN`` and
+``GET``); an older client is refused rather than handed a reply it would
+misread.  Unreplicated jobs see exactly the format they always did.
 """
 
 from __future__ import annotations
@@ -30,10 +38,11 @@ from ..connection import AsyncConnection, AsyncConnectionCache
 from ..errors import AccessDenied, CapacityExceeded, InvalidRequest, NotFound, PocketError, Unavailable
 from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
+from ..replication import check_replicas
 from ..server import Server, ServerConnection
 from ..security import DEFAULT_CAPABILITY_TTL
 from ..storage.server import FLASH_TIERS, TIERS
-from .placement import DEFAULT_SPLIT_SIZE, WeightedChooser, plan_pieces
+from .placement import DEFAULT_SPLIT_SIZE, WeightedChooser, plan_pieces, plan_replicated
 
 log = logging.getLogger("pocket.metadata")
 
@@ -54,12 +63,18 @@ def check_name(name: object) -> str:
 
 @dataclass(eq=False)
 class StoredObject:
-    """One object: inline bytes or extents ``(node, extent id, length, checksum or None)``."""
+    """One object: inline bytes or extents ``(node, extent id, length, checksum or None)``.
+
+    A replicated object also has ``pieces``: ``[(length, checksum or None, copies)]`` in
+    object order, each copy ``[(node, extent id, length), ...]`` on one node; its
+    ``extents`` then list every copy's extents (what a delete frees), without checksums.
+    """
 
     size: int
     persist: bool
     inline: Optional[bytes] = None
     extents: list = field(default_factory=list)
+    pieces: Optional[list] = None
     created: float = field(default_factory=time.time)
     readers: int = 0
     dead: bool = False
@@ -87,6 +102,8 @@ class JobNamespace:
     #: Reclaimed (as if deregistered) after this many seconds without a request.
     lease: float = DEFAULT_JOB_LEASE
     last_active: float = field(default_factory=time.monotonic)
+    #: Copies of each piece of a large object, on distinct storage servers (1 or 2).
+    replicas: int = 1
 
     def bytes_stored(self) -> int:
         return sum(o.size for o in self.objects.values())
@@ -101,6 +118,8 @@ class PendingPut:
     extents: list
     deadline: float
     checksummed: bool = False
+    #: Replicated puts: ``[[copy, ...] per piece]``, each copy ``[(node, extent id, length)]``.
+    pieces: Optional[list] = None
 
 
 def object_tier(job: JobNamespace, nodes: list) -> str:
@@ -205,6 +224,7 @@ class MetadataServer(Server):
         elif obj.extents:
             self._free_extents(obj.extents)
             obj.extents = []
+            obj.pieces = None
 
     def _free_extents(self, extents: list) -> None:
         by_node: dict[str, list[int]] = {}
@@ -240,6 +260,15 @@ class MetadataServer(Server):
         return [[self.node_addresses.get(n, "?"), e, length, cap, crc]
                 for (n, e, length, crc), cap in zip(obj.extents, caps)]
 
+    def _piece_list(self, job: JobNamespace, obj: StoredObject) -> list:
+        """A replicated object for GET: ``[[checksum or None, [copy, ...]], ...]`` per piece,
+        each copy ``[[address, extent id, length, read capability], ...]``."""
+        caps = iter(self._capabilities(job, [e for _, e, *_ in obj.extents], "r"))
+        address = self.node_addresses.get
+        return [[crc, [[[address(n, "?"), e, length, next(caps)] for n, e, length in copy]
+                       for copy in copies]]
+                for _length, crc, copies in obj.pieces or ()]
+
     # -- client handlers -----------------------------------------------------
     def handle_put_inline(self, conn: ServerConnection, frame: Frame) -> None:
         h = frame.header
@@ -261,6 +290,11 @@ class MetadataServer(Server):
         size = h["size"]
         if not isinstance(size, int) or size <= 0:
             raise InvalidRequest("size must be a positive integer")
+        if job.replicas > 1:
+            if not h.get("copies"):  # an older client would misread the reply
+                raise InvalidRequest(f"job {job.job_id} keeps {job.replicas} copies; this "
+                                     f"client does not know replication (update it)")
+            return await self._put_begin_replicated(job, name, size, bool(h.get("persist")))
         extents = await self._allocate(job, size)
         put_id = next(self._ids)
         try:
@@ -275,6 +309,64 @@ class MetadataServer(Server):
         return {"put": put_id, "sum": checksummed,
                 "ext": [[self.node_addresses[n], e, length, cap]
                         for (n, e, length), cap in zip(extents, caps)]}
+
+    async def _put_begin_replicated(self, job: JobNamespace, name: str, size: int,
+                                    persist: bool) -> dict:
+        pieces = await self._allocate_replicated(job, size)
+        extents = [x for piece in pieces for copy in piece for x in copy]
+        put_id = next(self._ids)
+        try:
+            caps = iter(self._capabilities(job, [e for _, e, _ in extents], "w"))
+        except BaseException:
+            self._free_extents(extents)
+            raise
+        checksummed = (self.checksums == "all" or job.checksums or
+                       any(job.node_tiers.get(n, job.tier) in FLASH_TIERS for n, _, _ in extents))
+        self.puts[put_id] = PendingPut(job, name, size, persist, extents,
+                                       time.monotonic() + self.put_timeout, checksummed, pieces)
+        address = self.node_addresses.get
+        return {"put": put_id, "sum": checksummed,
+                "pieces": [[[[address(n, "?"), e, length, next(caps)] for n, e, length in copy]
+                            for copy in piece] for piece in pieces]}
+
+    async def _allocate_replicated(self, job: JobNamespace, size: int) -> list:
+        """``job.replicas`` copies of each piece, on distinct nodes; all or nothing.
+
+        Returns ``[[copy, ...] per piece]``, each copy ``[(node, extent id, length)]``.
+        A node that is full or unreachable is left out and the whole object
+        planned again (each retry excludes one more node, so this ends).
+        """
+        failed: set[str] = set()
+        failure: type = Unavailable
+        levels = [job.chooser, *(chooser for _tier, chooser in job.spill)]
+        while True:
+            try:
+                plan = plan_replicated(size, levels, job.replicas, split_size=self.split_size,
+                                       exclude=failed)
+            except LookupError as exc:
+                why = f"; {len(failed)} more full or unreachable" if failed else ""
+                raise failure(f"job {job.job_id} keeps {job.replicas} copies of each piece on "
+                              f"distinct storage servers: {exc}{why}") from None
+            wanted = [(node, nbytes) for piece in plan for node, nbytes in piece]
+            results = await asyncio.gather(*(self._alloc_on(job, node, nbytes)
+                                             for node, nbytes in wanted), return_exceptions=True)
+            copies: list = []
+            error: Optional[BaseException] = None
+            for (node, _nbytes), result in zip(wanted, results):
+                if isinstance(result, (CapacityExceeded, Unavailable)):
+                    failed.add(node)
+                    if isinstance(result, CapacityExceeded):
+                        failure = CapacityExceeded
+                elif isinstance(result, BaseException):
+                    error = error or result
+                else:
+                    copies.append([(node, e, length) for e, length in result])
+            if len(copies) == len(wanted):
+                it = iter(copies)
+                return [[next(it) for _ in piece] for piece in plan]
+            self._free_extents([x for copy in copies for x in copy])
+            if error is not None:
+                raise error
 
     async def _allocate(self, job: JobNamespace, size: int) -> list:
         """Extents for ``size`` bytes by the job's weight map; all or nothing."""
@@ -351,17 +443,27 @@ class MetadataServer(Server):
         if put is None or put.job is not job:
             raise NotFound("no such pending put (it may have timed out)")
         sums = h.get("crc")
+        # A replicated put has one checksum per piece (its copies hold the same bytes).
+        count = len(put.pieces) if put.pieces is not None else len(put.extents)
         if sums is None and not put.checksummed:
-            sums = [None] * len(put.extents)
-        if not (isinstance(sums, list) and len(sums) == len(put.extents) and
+            sums = [None] * count
+        if not (isinstance(sums, list) and len(sums) == count and
                 all(isinstance(c, int) or (c is None and not put.checksummed) for c in sums)):
-            raise InvalidRequest(f"this put needs one checksum per extent ({len(put.extents)})")
+            what = "piece" if put.pieces is not None else "extent"
+            raise InvalidRequest(f"this put needs one checksum per {what} ({count})")
         del self.puts[h["put"]]
         if not job.active:
             self._free_extents(put.extents)
             raise AccessDenied(f"job {job.job_id} was deregistered during the put")
-        extents = [(n, e, length, crc) for (n, e, length), crc in zip(put.extents, sums)]
-        self._install(job, put.name, StoredObject(put.size, put.persist, extents=extents))
+        if put.pieces is not None:
+            obj = StoredObject(put.size, put.persist,
+                               extents=[(n, e, length, None) for n, e, length in put.extents],
+                               pieces=[(sum(length for _, _, length in piece[0]), crc, piece)
+                                       for piece, crc in zip(put.pieces, sums)])
+        else:
+            obj = StoredObject(put.size, put.persist, extents=[
+                (n, e, length, crc) for (n, e, length), crc in zip(put.extents, sums)])
+        self._install(job, put.name, obj)
         return None
 
     def handle_put_abort(self, conn: ServerConnection, frame: Frame) -> None:
@@ -380,6 +482,10 @@ class MetadataServer(Server):
         obj = job.objects.get(name)
         if obj is None:
             raise NotFound(f"no object {name!r}")
+        if obj.pieces is not None and not h.get("copies"):
+            # An older client would take a reply without ``ext`` for an inline object.
+            raise InvalidRequest(f"object {name!r} is replicated; this client does not know "
+                                 f"replication (update it)")
         limit = h.get("max")
         if limit is not None and obj.size > limit:  # checked before delete_after_read
             raise InvalidRequest(f"object {name!r} has {obj.size} bytes; the buffer holds {limit}")
@@ -394,6 +500,8 @@ class MetadataServer(Server):
         obj.readers += 1
         lease = next(self._ids)
         self.leases[lease] = (job, obj, time.monotonic() + self.lease_timeout)
+        if obj.pieces is not None:
+            return {"size": obj.size, "pieces": self._piece_list(job, obj), "lease": lease}
         return {"size": obj.size, "ext": self._extent_list(job, obj), "lease": lease}
 
     def handle_release(self, conn: ServerConnection, frame: Frame) -> None:
@@ -506,7 +614,8 @@ class MetadataServer(Server):
             raise InvalidRequest(f"job {job_id} exists")
         job = JobNamespace(job_id, token, str(h.get("name", job_id)), {}, WeightedChooser({}),
                            checksums=bool(h.get("checksums")),
-                           lease=float(h.get("lease") or self.job_lease))
+                           lease=float(h.get("lease") or self.job_lease),
+                           replicas=check_replicas(h.get("replicas", 1)))
         self._set_weights(job, h)
         self.jobs[job_id] = job
         log.info("job %s added with weights %s", job_id, job.weights)
