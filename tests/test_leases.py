@@ -1,4 +1,4 @@
-"""The asyncio driver's handle keeps its job's lease, as the sync one does."""
+"""Driver handles keep their job's lease while open (sync and asyncio), and stop when closed."""
 
 from __future__ import annotations
 
@@ -41,3 +41,17 @@ def test_idle_asyncio_driver_keeps_its_job(make_cluster) -> None:
             await cl.close()
 
     asyncio.run(main())
+
+
+def test_closing_the_sync_cluster_handle_stops_renewal(make_cluster) -> None:
+    """``Cluster.close()`` stops the renewal of the jobs it registered: they expire."""
+    c = make_cluster(dram=1, capacity="64MiB", metadata_args=("--job-lease", "2s"))
+    cl = pocket.connect(c.address)
+    job = cl.register_job("closed-driver", lease=1.0)
+    job.put("x", os.urandom(BIG))
+    cl.close()
+    t = time.monotonic()
+    with pocket.connect(c.address) as watcher:
+        while job_state(watcher, job.id) == "active":  # bounded: 5 leases
+            assert time.monotonic() - t < 5.0, "a closed handle must stop renewing"
+            time.sleep(0.2)

@@ -14,6 +14,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -148,6 +149,11 @@ class Job:
                     return
 
         threading.Thread(target=renew, name=f"pocket-renew-{self.id}", daemon=True).start()
+
+    def _stop_renewal(self) -> None:
+        if self._renewing is not None:
+            self._renewing.set()
+
     def __repr__(self) -> str:
         return f"<pocket.Job {self.id} tier={self.tier} metadata={self.metadata}>"
 
@@ -448,16 +454,14 @@ class Job:
 
     def deregister(self) -> dict:
         """End the job: everything not persisted is freed. Returns what was freed."""
-        if self._renewing is not None:
-            self._renewing.set()
+        self._stop_renewal()
         with self._pool.connection(self.controller) as conn:
             reply = conn.request(Op.JOB_DEREGISTER, dict(self._auth))
         return reply.header
 
     def close(self) -> None:
         """Close this handle's connections (does not deregister; stops lease renewal)."""
-        if self._renewing is not None:
-            self._renewing.set()
+        self._stop_renewal()
         if self._threads is not None:
             self._threads.shutdown(wait=False)
             self._threads = None
@@ -480,6 +484,8 @@ class Cluster:
     def __init__(self, address: Optional[str] = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = default_controller(address)
         self._pool = ConnectionPool(timeout)
+        #: Jobs registered here, whose lease renewal stops when this handle closes.
+        self._jobs: "weakref.WeakSet[Job]" = weakref.WeakSet()
         self._controller(Op.PING, {})  # fail fast if nobody is there
 
     def _controller(self, opcode: int, header: dict) -> Frame:
@@ -513,6 +519,7 @@ class Cluster:
         reply = self._controller(Op.JOB_REGISTER, header)
         job = Job(self.address, reply.header, self._pool, owns_pool=False)
         job._start_renewal(reply.header.get("lease"))
+        self._jobs.add(job)
         return job
 
     def attach(self, job_id: str, token: str) -> Job:
@@ -525,6 +532,10 @@ class Cluster:
         return self._controller(Op.STATUS, {}).header
 
     def close(self) -> None:
+        """Close the connections; jobs registered through this handle stop renewing their
+        leases (they expire unless deregistered or renewed by another handle)."""
+        for job in list(self._jobs):
+            job._stop_renewal()
         self._pool.close()
 
     def __enter__(self) -> "Cluster":
