@@ -4,6 +4,7 @@ back to the minimum, no lost object, no flapping."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -105,3 +106,71 @@ def test_drained_node_keeps_live_objects_until_empty(make_cluster) -> None:
         assert wait_for(lambda: len(storage(client.status())) == 1, timeout=10, interval=0.1)
         assert [e["node"] for e in events(client.status(), "removed")] == [drained["id"]]
         assert added
+
+
+@pytest.mark.timeout(40)
+def test_migrate_on_drain_moves_objects_and_the_node_leaves_at_once(make_cluster) -> None:
+    c = make_cluster(dram=1, capacity="64MiB", provider="local", max_nodes=1, autoscale=True,
+                     controller_args=("--migrate-on-drain",))
+    with pocket.connect(c.address) as client:
+        assert client.status()["autoscale"]["migrate_on_drain"]
+        job = client.register_job("mover", capacity="100MiB", throughput="1MB/s")
+        assert len(job.weights) == 2  # the provider added a node for the capacity
+        data = {f"p{i}": os.urandom(2 * MiB + i) for i in range(12)}
+        data.update({f"s{i}": os.urandom(100) for i in range(3)})  # inline: not on a node
+        for name, value in data.items():
+            job.put(name, value, persist=True)
+        servers = {n: job.lookup(n).servers for n in data}
+        # Readers keep reading every object while the node drains and its objects move.
+        stop = threading.Event()
+        reads, errors = [0], []
+
+        def reader(seed: int) -> None:
+            names = sorted(data)
+            k = seed
+            deadline = time.monotonic() + 25  # bounded: stopped by the test long before
+            with pocket.attach(job.id, job.token, controller=c.address) as lam:
+                while not stop.is_set() and time.monotonic() < deadline:
+                    name = names[k % len(names)]
+                    k += 1
+                    try:
+                        if lam.get(name) != data[name]:
+                            errors.append(f"{name}: wrong bytes")
+                    except pocket.PocketError as exc:
+                        errors.append(f"{name}: {exc!r}")
+                    reads[0] += 1
+                    time.sleep(0.01)  # light load: heavy reads would (rightly) keep it above band
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            job.deregister()  # persisted objects stay; the allocation is gone: below band
+            assert wait_for(lambda: events(client.status(), "draining"), timeout=15)
+            (drained,) = [e["node"] for e in events(client.status(), "draining")]
+            drained_at, reads_before = time.monotonic(), reads[0]
+            assert wait_for(lambda: all(n["id"] != drained for n in storage(client.status())),
+                            timeout=10, interval=0.05)
+            left_in = time.monotonic() - drained_at
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert not errors, errors[:5]
+        assert reads[0] > reads_before  # reads went on while the objects moved
+        status = client.status()
+        (moved,) = events(status, "migrated")
+        on_drained = [n for n, s in servers.items() if any(
+            a == e.get("address") for e in events(status, "removed") for a in s)]
+        assert on_drained and moved["objects"] == len(on_drained)
+        assert [e["reason"] for e in events(status, "removed")] == ["drained, objects moved"]
+        print(f"drained node left {left_in:.2f}s after its drain; {reads[0] - reads_before} reads during it")
+        assert left_in < 6.0, f"the drained node left {left_in:.1f}s after its drain"
+        (only,) = storage(status)
+        for name, value in data.items():
+            assert job.get(name) == value
+            assert list(job.lookup(name).servers) in ([], [only["address"]])
+        # Nothing stored twice: the one node holds what the objects need (blocks rounded up).
+        need = sum(len(v) for n, v in data.items() if n.startswith("p"))
+        assert wait_for(lambda: storage(client.status())[0]["used"] <= need + 12 * 4096,
+                        timeout=5)

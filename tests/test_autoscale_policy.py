@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pocket.controller.autoscale import (Band, ClusterObservation, NodeObservation,
@@ -133,6 +135,16 @@ def test_drained_node_removed_only_when_empty_for_a_while() -> None:
                           POLICY) == []
     d = decide_scaling(observe(base + [node(1, state="draining", empty_for=1.0)]), POLICY)
     assert actions(d) == [("remove", "dram-1")]
+
+
+def test_migrated_node_removed_at_its_first_empty_heartbeat() -> None:
+    base = node(0, 0.3, removable=False)
+    moved = dataclasses.replace(node(1, state="draining"), confirmed_empty=True)
+    assert actions(decide_scaling(observe([base, moved]), POLICY)) == [("remove", "dram-1")]
+    assert decide_scaling(observe([base, moved]), POLICY)[0].reason == "drained, objects moved"
+    # still holding bytes (a read lease, say): never, whatever the metadata servers said
+    holding = dataclasses.replace(node(1, 0.1, state="draining"), confirmed_empty=True)
+    assert actions(decide_scaling(observe([base, holding]), POLICY)) == []
 
 
 def test_band_per_tier_and_resource() -> None:

@@ -44,6 +44,12 @@ def add_autoscale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-in-delay", default=env_default("scale_in_delay", "2s"),
                         help="how long a tier stays below its band before nodes are drained; "
                              "also the least time after any change (+1s) (default 2s)")
+    parser.add_argument("--migrate-on-drain", action="store_true",
+                        default=env_default("migrate_on_drain", "") not in ("", "0", "off",
+                                                                           "false", "no"),
+                        help="move a draining node's remaining objects to the tier's other "
+                             "active nodes so it can leave at once (default off: it leaves "
+                             "when its last object is deleted)")
 
 
 def autoscale_policy(args: argparse.Namespace) -> ScalingPolicy | None:
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                                   profiles=profiles, planner=planner, provider=provider,
                                   provision_timeout=parse_duration(args.provision_timeout),
                                   autoscale=autoscale_policy(args),
-                                  autoscale_interval=parse_duration(args.autoscale_interval))
+                                  autoscale_interval=parse_duration(args.autoscale_interval),
+                                  migrate_on_drain=args.migrate_on_drain)
         apply_common_arguments(server, args)
     except ValueError as exc:
         parser.error(str(exc))

@@ -33,7 +33,9 @@ capacity   capacity allocated to jobs ÷ capacity
   would still fit under the top) is what stops flapping on oscillating load.
 * **Remove** a draining node once it has reported zero bytes stored for
   ``drain_settle`` seconds (so a write placed just before the drain took
-  effect shows up first).  A node holding data is never removed.
+  effect shows up first), or, with ``--migrate-on-drain``, at its first
+  zero-bytes heartbeat after every metadata server confirmed that nothing of
+  theirs is on it or on its way there.  A node holding data is never removed.
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ class NodeObservation:
     removable: bool = False
     #: Seconds it has reported zero bytes stored since its drain took effect (0 if not).
     empty_for: float = 0.0
+    #: ``--migrate-on-drain``: every metadata server confirmed that nothing of theirs is on
+    #: it (moved off, no put or read lease pending) and a later heartbeat reported zero bytes.
+    confirmed_empty: bool = False
 
 
 @dataclass
@@ -237,7 +242,10 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
 
         # Drained nodes that hold nothing leave, whatever else happens.
         for n in draining:
-            if n.used == 0 and n.empty_for >= policy.drain_settle:
+            if n.used == 0 and n.confirmed_empty:
+                decisions.append(Decision("remove", tier, "drained, objects moved", util,
+                                          node=n.id))
+            elif n.used == 0 and n.empty_for >= policy.drain_settle:
                 decisions.append(Decision("remove", tier, "drained and empty", util, node=n.id))
 
         n_active = len(active)

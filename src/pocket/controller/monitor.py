@@ -17,6 +17,11 @@ what to do and does it:
   the metadata servers) is stopped by the provider; it leaves the controller
   on its way out.  A node holding a live object is never removed.
 * **undrain** — load came back: a draining node is active again.
+* **migrate** (``--migrate-on-drain``) — every tick while a node drains, each
+  metadata server is asked (EXTENTS_MOVE) to move its objects' extents off it
+  to the tier's active nodes (weighted by headroom); once all of them answer
+  that nothing of theirs is left there (no object, pending put, allocation in
+  flight or read lease), the node is removed at its next zero-bytes heartbeat.
 
 Each action is an event (``pocket status --json`` → ``autoscale.events``)
 with its reason and the tier's utilisation.
@@ -50,7 +55,7 @@ class AutoscaleMonitor:
 
     def __init__(self, controller: "ControllerServer", policy: ScalingPolicy,
                  interval: float = 1.0, max_events: int = 500,
-                 startup_grace: Optional[float] = None) -> None:
+                 startup_grace: Optional[float] = None, migrate: bool = False) -> None:
         if interval <= 0:
             raise ValueError("the autoscale interval must be positive")
         self.controller = controller
@@ -65,6 +70,12 @@ class AutoscaleMonitor:
         #: node → receive time of its first zero-bytes heartbeat after ``drained_at``.
         self.empty_since: dict[str, float] = {}
         self.ticks = 0
+        #: ``--migrate-on-drain``: move a draining node's objects so it can leave at once.
+        self.migrate = migrate
+        #: node → the move in progress; node → monotonic time every metadata server
+        #: confirmed that nothing of theirs is left on it.
+        self.migrating: dict[str, asyncio.Task] = {}
+        self.migrated: dict[str, float] = {}
         #: Nodes that exist register within this long of our start (or of a controller
         #: restart): the minimum is not filled before, so they are not doubled.
         self.startup_grace = (startup_grace if startup_grace is not None
@@ -111,6 +122,9 @@ class AutoscaleMonitor:
             # a node that registered lately (ours or a job's) counts as a recent scale-out
             hist.last_out = max(hist.last_out, now - (wall - n.registered))
             empty_for = 0.0
+            confirmed = self.migrated.get(n.id)
+            confirmed_empty = (n.state == "draining" and confirmed is not None and
+                               n.used == 0 and n.last_seen > confirmed)
             if n.state == "draining":
                 since = self.drained_at.get(n.id)
                 if since is not None and n.used == 0 and n.last_seen > since:
@@ -122,7 +136,8 @@ class AutoscaleMonitor:
                 n.id, n.tier, n.capacity, load.throughput, used=n.used, cpu=n.cpu,
                 net=n.net_in + n.net_out, allocated_throughput=load.allocated_throughput,
                 allocated_capacity=load.allocated_capacity, state=n.state,
-                removable=c.provider.owns(n.address), empty_for=empty_for))
+                removable=c.provider.owns(n.address), empty_for=empty_for,
+                confirmed_empty=confirmed_empty))
         tiers = {o.tier for o in nodes} | set(self.starting) | set(self.policy.min_nodes)
         return ClusterObservation(now, tuple(nodes), dict(self.starting),
                                   {t: c.provider.available(t) for t in tiers}, self.history)
@@ -132,7 +147,7 @@ class AutoscaleMonitor:
         self.ticks += 1
         now = time.monotonic()
         known = set(self.controller.nodes)
-        for table in (self.drained_at, self.empty_since):
+        for table in (self.drained_at, self.empty_since, self.migrated):
             for node_id in [k for k in table if k not in known]:
                 del table[node_id]
         observed = self.observe(now)
@@ -153,6 +168,10 @@ class AutoscaleMonitor:
                 self._spawn(self._remove(d))
         if drains:
             await self._drain(drains)
+        if self.migrate:
+            for node_id in self.drained_at:
+                if node_id not in self.migrated and node_id not in self.migrating:
+                    self._start_migration(node_id)
         return decisions
 
     def _spawn(self, coro) -> None:
@@ -264,6 +283,57 @@ class AutoscaleMonitor:
         for node_id in gone:
             if c.nodes.get(node_id) is not None and c.nodes[node_id].state == "draining":
                 self.drained_at[node_id] = now
+                if self.migrate and node_id not in self.migrating:
+                    self._start_migration(node_id)
+
+    def _start_migration(self, node_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._migrate(node_id))
+        self.migrating[node_id] = task
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+        task.add_done_callback(lambda _t: self.migrating.pop(node_id, None))
+
+    async def _migrate(self, node_id: str) -> None:
+        """Ask every metadata server to move its extents off draining ``node_id``; record
+        when all of them report that nothing of theirs is left there."""
+        c = self.controller
+        node = c.nodes.get(node_id)
+        if node is None or node.state != "draining" or c.key is None:
+            return
+        targets = {n: w for n, w in self._headroom(node.tier).items() if n != node_id}
+        if not targets:
+            return
+        began = time.monotonic()
+        header = {"node": node_id, "targets": targets,
+                  "nodes": {n: c.nodes[n].address for n in targets},
+                  "auth": c.key.sign(Op.EXTENTS_MOVE, node_id)}
+        mds = [m.id for m in c.nodes.values() if m.role == "metadata"]
+        results = await asyncio.gather(
+            *(c._md_request(m, Op.EXTENTS_MOVE, header, timeout=120.0) for m in mds),
+            return_exceptions=True)
+        moved = nbytes = 0
+        clear = True
+        for md, result in zip(mds, results):
+            if isinstance(result, BaseException):
+                log.warning("autoscale: metadata server %s could not move extents off %s: %s",
+                            md, node_id, result)
+                clear = False
+                continue
+            h = result.header
+            moved += h.get("moved", 0)
+            nbytes += h.get("bytes", 0)
+            if h.get("busy") or h.get("failed") or any(
+                    h.get(k) for k in ("left", "pending", "allocating", "held")):
+                clear = False
+        node = c.nodes.get(node_id)
+        if node is None or node.state != "draining":
+            return
+        if moved:
+            self.event("migrated", Decision("migrate", node.tier, "migrate on drain", {}),
+                       node=node_id, objects=moved, bytes=nbytes,
+                       seconds=round(time.monotonic() - began, 3))
+        if clear:
+            self.migrated[node_id] = time.monotonic()
 
     async def _undrain(self, d: Decision) -> None:
         c = self.controller
@@ -274,6 +344,7 @@ class AutoscaleMonitor:
         c.ledger.set_reserved(node.id, None)
         self.drained_at.pop(node.id, None)
         self.empty_since.pop(node.id, None)
+        self.migrated.pop(node.id, None)
         self.event("undrained", d, node=node.id)
         await self.steer(d.tier, {node.id: self._headroom(d.tier).get(node.id, 1.0)})
 
@@ -293,5 +364,6 @@ class AutoscaleMonitor:
     def describe(self) -> dict:
         """Policy, what is starting, and the event log, for ``pocket status``."""
         return {"enabled": True, "interval": self.interval, "policy": self.policy.describe(),
+                "migrate_on_drain": self.migrate,
                 "starting": dict(self.starting), "ticks": self.ticks,
                 "events": list(self.events)}

@@ -92,7 +92,7 @@ class ControllerServer(Server):
                  provider: Optional[NodeProvider] = None,
                  provision_timeout: float = 30.0,
                  autoscale: Optional[ScalingPolicy] = None,
-                 autoscale_interval: float = 1.0) -> None:
+                 autoscale_interval: float = 1.0, migrate_on_drain: bool = False) -> None:
         super().__init__(host, port, Limits(max_header=1 << 20, max_payload=0))
         self.node_timeout = node_timeout
         self.profiles: dict[str, NodeProfile] = {**DEFAULT_PROFILES, **(profiles or {})}
@@ -110,7 +110,8 @@ class ControllerServer(Server):
         self._monitor: Optional[asyncio.Task] = None
         #: Autoscaling (``--autoscale``): None when off.
         self.autoscaler: Optional[AutoscaleMonitor] = (
-            AutoscaleMonitor(self, autoscale, autoscale_interval) if autoscale is not None
+            AutoscaleMonitor(self, autoscale, autoscale_interval, migrate=migrate_on_drain)
+            if autoscale is not None
             else None)
         self.handlers.update({
             Op.NODE_REGISTER: self.handle_node_register,
@@ -285,14 +286,15 @@ class ControllerServer(Server):
                 return
             self._spill_refresh = loop.create_task(self._refresh_spill())
 
-    async def _md_request(self, node_id: str, opcode: int, header: dict) -> Frame:
+    async def _md_request(self, node_id: str, opcode: int, header: dict,
+                          timeout: float = 10.0) -> Frame:
         node = self.nodes.get(node_id)
         if node is None:
             raise Unavailable(f"metadata server {node_id} is gone")
         conn = await self._md_conns.get(node.address)
         if self.key is not None and opcode in (Op.JOB_ADD, Op.JOB_UPDATE):
             header = {**header, "auth": self.key.sign(opcode, header.get("job"))}
-        return await conn.request(opcode, header, timeout=10.0)
+        return await conn.request(opcode, header, timeout=timeout)
 
     # -- jobs ----------------------------------------------------------------
     def _job(self, header: dict) -> JobRecord:
