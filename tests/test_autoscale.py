@@ -20,8 +20,10 @@ def storage(status: dict) -> list[dict]:
     return [n for n in status["nodes"] if n["role"] == "storage"]
 
 
-def events(status: dict, kind: str | None = None) -> list[dict]:
-    return [e for e in status["autoscale"]["events"] if kind is None or e["event"] == kind]
+def events(status: dict, kind: str | None = None, tier: str | None = "dram") -> list[dict]:
+    """Autoscale events of ``kind`` (all if None) of ``tier`` (storage: dram; None: all)."""
+    return [e for e in status["autoscale"]["events"] if (kind is None or e["event"] == kind)
+            and (tier is None or e["tier"] == tier)]
 
 
 @pytest.mark.timeout(30)
@@ -174,3 +176,47 @@ def test_migrate_on_drain_moves_objects_and_the_node_leaves_at_once(make_cluster
         need = sum(len(v) for n, v in data.items() if n.startswith("p"))
         assert wait_for(lambda: storage(client.status())[0]["used"] <= need + 12 * 4096,
                         timeout=5)
+
+
+def metadata(status: dict) -> list[dict]:
+    return [n for n in status["nodes"] if n["role"] == "metadata"]
+
+
+@pytest.mark.timeout(45)
+def test_metadata_servers_scale_out_on_jobs_and_only_an_idle_one_leaves(make_cluster) -> None:
+    c = make_cluster(dram=1, capacity="64MiB", provider="local", max_nodes=1, autoscale=True,
+                     controller_args=("--metadata-jobs", "2", "--max-metadata", "2"))
+    small = {"capacity": "1MiB", "throughput": "1MB/s"}
+    with pocket.connect(c.address) as client:
+        (first,) = metadata(client.status())
+        jobs = [client.register_job(f"j{i}", **small) for i in range(2)]  # 100% of 2 per server
+        assert wait_for(lambda: events(client.status(), "added", "metadata"), timeout=10)
+        status = client.status()
+        assert len(metadata(status)) == 2
+        (added,) = events(status, "added", "metadata")
+        assert "jobs" in added["reason"]
+        assert status["provider"]["running_metadata"] == 1
+        late = client.register_job("late", **small)  # the least-loaded server: the new one
+        assert late.metadata == added["address"] != first["address"]
+        value = os.urandom(3 * MiB)
+        late.put("big", value, persist=True)
+        late.put("small", b"x" * 100)
+        assert late.get("big") == value
+        for job in jobs:
+            job.deregister()
+        late.deregister()  # "big" is persisted: the new server holds the job's namespace
+        time.sleep(5)  # below band long enough: it would be drained if it held nothing
+        assert len(metadata(client.status())) == 2
+        assert not events(client.status(), "draining", "metadata")
+        assert late.get("big") == value
+        late.delete("big")
+        assert wait_for(lambda: len(metadata(client.status())) == 1, timeout=12, interval=0.1)
+        status = client.status()
+        assert [e["node"] for e in events(status, "removed", "metadata")] == \
+            [added["node"]]
+        assert metadata(status)[0]["id"] == first["id"]
+        assert status["provider"]["running_metadata"] == 0
+        # the one left serves new jobs
+        with client.register_job("after", **small) as job:
+            job.put("o", value)
+            assert job.get("o") == value

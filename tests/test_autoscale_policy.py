@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from pocket.controller.autoscale import (Band, ClusterObservation, NodeObservation,
+from pocket.controller.autoscale import (METADATA, Band, ClusterObservation, MetadataObservation,
+                                         NodeObservation,
                                          ScalingPolicy, TierHistory, decide_scaling, parse_band,
                                          parse_tier_nodes, tier_utilisation, update_history)
 
@@ -211,3 +212,83 @@ def test_steering_gives_new_nodes_the_larger_weight() -> None:
     assert drain_weights({"a": 0.25, "b": 0.75}, {"b"}, {}) == {"a": 1.0}
     assert drain_weights({"b": 1.0}, {"b"}, {"a": 0.2, "c": 0.6}) == \
         {"a": pytest.approx(0.25), "c": pytest.approx(0.75)}
+
+
+# -- metadata servers ------------------------------------------------------------------
+MD_POLICY = ScalingPolicy(min_nodes={"dram": 1, METADATA: 1}, jobs_per_metadata=4)
+
+
+def md(i: int, *, cpu: float = 0.0, jobs: int = 0, holds: int | None = None,
+       state: str = "active", removable: bool = True, empty_for: float = 0.0
+       ) -> MetadataObservation:
+    return MetadataObservation(f"md-{i}", cpu, jobs, jobs if holds is None else holds, state,
+                               removable, empty_for)
+
+
+def md_observe(servers, now: float = 100.0, *, can_add: int = 4, starting: int = 0,
+               history=None) -> ClusterObservation:
+    return ClusterObservation(now, (node(0, 0.7, removable=False),),
+                              {METADATA: starting} if starting else {},
+                              {"dram": 8, METADATA: can_add}, history or {},
+                              metadata=tuple(servers))
+
+
+def md_actions(decisions) -> list[tuple]:
+    return actions([d for d in decisions if d.tier == METADATA])
+
+
+@pytest.mark.parametrize("kw, resource", [({"cpu": 0.9}, "cpu"), ({"jobs": 4}, "jobs")])
+def test_metadata_scale_out_on_cpu_or_jobs(kw, resource) -> None:
+    d = [x for x in decide_scaling(md_observe([md(0, removable=False, **kw)]), MD_POLICY)
+         if x.tier == METADATA]
+    assert md_actions(d) == [("add", 1)] and resource in d[0].reason
+    # 10 jobs on 1 server sized for 4: 250%; at the band middle (70%) that is 4 servers
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=10)]), MD_POLICY)) == [("add", 3)]
+
+
+def test_metadata_no_scale_out_within_band_while_starting_or_at_the_cap() -> None:
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=3, cpu=0.5)]), MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=4)], starting=1), MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=4)], can_add=0), MD_POLICY)) == []
+
+
+def test_metadata_scale_in_only_an_idle_provider_server_holding_no_namespace() -> None:
+    hist = {METADATA: TierHistory(below_since=0.0), "dram": TierHistory()}
+    base = md(0, removable=False)
+    # holds a deregistered job's persisted objects: never
+    assert md_actions(decide_scaling(md_observe([base, md(1, holds=1)], history=hist),
+                                     MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([base, md(1)], history=hist), MD_POLICY)) == \
+        [("drain", "md-1")]
+    # not one the provider started, or the last one: never
+    assert md_actions(decide_scaling(md_observe([base, md(1, removable=False)], history=hist),
+                                     MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([md(1)], history=hist), MD_POLICY)) == []
+    # not before the delay
+    fresh = {METADATA: TierHistory(below_since=99.0)}
+    assert md_actions(decide_scaling(md_observe([base, md(1)], history=fresh), MD_POLICY)) == []
+
+
+def test_metadata_drained_server_removed_when_idle_or_taken_back_under_load() -> None:
+    base = md(0, removable=False)
+    assert md_actions(decide_scaling(md_observe([base, md(1, state="draining", empty_for=1.0)]),
+                                     MD_POLICY)) == [("remove", "md-1")]
+    assert md_actions(decide_scaling(md_observe([base, md(1, state="draining", holds=1,
+                                                          empty_for=5.0)]), MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=4, removable=False),
+                                                 md(1, state="draining")]), MD_POLICY)) == \
+        [("undrain", "md-1")]
+
+
+def test_metadata_history_no_flapping() -> None:
+    history: dict = {}
+    added = 0
+    for t in range(60):  # one server's jobs swing 5 <-> 2 (125% <-> 50% of 4) every second
+        servers = [md(0, jobs=5 if t % 2 else 2, removable=False)] + \
+            [md(i + 1, jobs=0) for i in range(added)]
+        obs = md_observe(servers, now=float(t), history=history)
+        d = decide_scaling(obs, MD_POLICY)
+        update_history(history, obs, MD_POLICY, d)
+        added += sum(x.count for x in d if x.tier == METADATA and x.action == "add")
+        assert not [x for x in d if x.tier == METADATA and x.action == "drain"]
+    assert added == 1

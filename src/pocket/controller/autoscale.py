@@ -45,6 +45,10 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 RESOURCES = ("cpu", "net", "bytes", "throughput", "capacity")
+#: The pseudo-tier of metadata servers in policies, histories and decisions.
+METADATA = "metadata"
+#: What metadata servers are scaled on: their CPU share and active jobs per server.
+METADATA_RESOURCES = ("cpu", "jobs")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class ScalingPolicy:
     cooldown_in: float = 3.0
     scale_in_delay: float = 2.0
     drain_settle: float = 1.0
+    #: Active jobs one metadata server is sized for (its ``jobs`` utilisation is 100% there).
+    jobs_per_metadata: int = 16
 
     def band(self, tier: str, resource: str) -> Band:
         return self.bands.get(f"{tier}:{resource}") or self.bands.get(resource) or \
@@ -88,17 +94,19 @@ class ScalingPolicy:
                 "default_band": [self.default_band.low, self.default_band.high],
                 "min_nodes": dict(self.min_nodes), "max_nodes": dict(self.max_nodes),
                 "cooldown_out": self.cooldown_out, "cooldown_in": self.cooldown_in,
-                "scale_in_delay": self.scale_in_delay, "drain_settle": self.drain_settle}
+                "scale_in_delay": self.scale_in_delay, "drain_settle": self.drain_settle,
+                "jobs_per_metadata": self.jobs_per_metadata}
 
 
 def parse_band(text: str) -> tuple[str, Band]:
     """``"bytes=50-70"`` or ``"dram:cpu=0.5-0.9"`` → (key, Band); percentages or fractions."""
     key, _, rng = text.partition("=")
     key = key.strip().lower()
-    resource = key.rpartition(":")[2]
-    if resource not in RESOURCES:
+    tier, _, resource = key.rpartition(":")
+    allowed = METADATA_RESOURCES if tier == METADATA else RESOURCES
+    if resource not in allowed:
         raise ValueError(f"unknown resource {resource!r} in band {text!r} "
-                         f"(one of {', '.join(RESOURCES)})")
+                         f"(one of {', '.join(allowed)}; metadata:cpu, metadata:jobs)")
     lo, sep, hi = rng.partition("-")
     if not sep:
         raise ValueError(f"a band is RESOURCE=LOW-HIGH, e.g. bytes=60-80, not {text!r}")
@@ -145,6 +153,24 @@ class NodeObservation:
     confirmed_empty: bool = False
 
 
+@dataclass(frozen=True)
+class MetadataObservation:
+    """One metadata server as the autoscaler sees it."""
+
+    id: str
+    cpu: float = 0.0
+    #: Active jobs assigned to it.
+    jobs: int = 0
+    #: Namespaces it holds that must not be lost (active jobs, jobs with objects left,
+    #: registrations in progress): a server holding one is never drained nor removed.
+    holds: int = 0
+    #: ``active`` or ``draining`` (no new jobs).
+    state: str = "active"
+    removable: bool = False
+    #: Seconds it has held nothing since its drain (0 if not draining or holding).
+    empty_for: float = 0.0
+
+
 @dataclass
 class TierHistory:
     """What the loop remembers per tier between observations (monotonic seconds)."""
@@ -178,6 +204,7 @@ class ClusterObservation:
     #: tier → how many more nodes the provider could start now.
     can_add: Mapping[str, int] = field(default_factory=dict)
     history: Mapping[str, TierHistory] = field(default_factory=dict)
+    metadata: tuple[MetadataObservation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -220,7 +247,8 @@ def _percent(util: Mapping[str, float], keys) -> str:
 
 
 def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[Decision]:
-    """What to do now, per tier: add nodes, drain or take back nodes, remove drained nodes.
+    """What to do now, per tier: add nodes, drain or take back nodes, remove drained nodes;
+    and the same for metadata servers (:func:`decide_metadata_scaling`, tier ``metadata``).
 
     Tiers are those with nodes, starting nodes or a ``min_nodes`` entry.  The
     caller records applied ``add``/``undrain`` decisions in
@@ -228,8 +256,8 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
     ``below_since`` (see :func:`update_history`).
     """
     decisions: list[Decision] = []
-    tiers = sorted({n.tier for n in observed.nodes} | set(observed.starting) |
-                   {t for t, m in policy.min_nodes.items() if m > 0})
+    tiers = sorted(({n.tier for n in observed.nodes} | set(observed.starting) |
+                    {t for t, m in policy.min_nodes.items() if m > 0}) - {METADATA})
     now = observed.now
     for tier in tiers:
         nodes = [n for n in observed.nodes if n.tier == tier]
@@ -301,6 +329,84 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
             remaining = rest
             decisions.append(Decision("drain", tier,
                                       f"below band: {_percent(util, RESOURCES)}", util, node=n.id))
+    if observed.metadata or observed.starting.get(METADATA) or policy.min_nodes.get(METADATA):
+        decisions += decide_metadata_scaling(observed, policy)
+    return decisions
+
+
+def metadata_load(servers: list[MetadataObservation], policy: ScalingPolicy
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """(demand, supply) per metadata resource over ``servers``."""
+    n = float(len(servers))
+    return ({"cpu": sum(m.cpu for m in servers), "jobs": float(sum(m.jobs for m in servers))},
+            {"cpu": n, "jobs": n * policy.jobs_per_metadata})
+
+
+def metadata_utilisation(servers: list[MetadataObservation], policy: ScalingPolicy
+                         ) -> dict[str, float]:
+    load, supply = metadata_load(servers, policy)
+    return {r: (load[r] / supply[r] if supply[r] > 0 else 0.0) for r in METADATA_RESOURCES}
+
+
+def decide_metadata_scaling(observed: ClusterObservation, policy: ScalingPolicy
+                            ) -> list[Decision]:
+    """Metadata servers, like a tier: add above the band of ``cpu`` or ``jobs`` (active
+    jobs ÷ servers × ``jobs_per_metadata``), drain an idle one the provider started that
+    holds no namespace below the band, remove a drained one that has held nothing for
+    ``drain_settle``.  Same cool-downs, delay and hysteresis as storage tiers; new jobs go
+    to the least-loaded active server (the controller), so no steering is needed."""
+    tier, now = METADATA, observed.now
+    servers = list(observed.metadata)
+    active = [m for m in servers if m.state == "active"]
+    draining = [m for m in servers if m.state == "draining"]
+    hist = observed.history.get(tier) or TierHistory()
+    starting = observed.starting.get(tier, 0)
+    util = metadata_utilisation(active, policy)
+    bands = {r: policy.band(tier, r) for r in METADATA_RESOURCES}
+    decisions = [Decision("remove", tier, "drained and idle", util, node=m.id)
+                 for m in draining if m.holds == 0 and m.empty_for >= policy.drain_settle]
+    limit = policy.max_nodes.get(tier)
+    room = (limit - len(active) - starting - len(draining)) if limit is not None else 1 << 30
+    room = max(0, min(room, observed.can_add.get(tier, 0)))
+    minimum = policy.min_nodes.get(tier, 0)
+    above = [r for r in METADATA_RESOURCES if util[r] > bands[r].high] if active else []
+    want = 0
+    if len(active) + starting < minimum:
+        want = minimum - len(active) - starting
+        reason = f"{len(active)} active metadata servers, below the minimum of {minimum}"
+    elif above and starting == 0 and now - hist.last_out >= policy.cooldown_out:
+        load, supply = metadata_load(active, policy)
+        want = max([1] + [math.ceil(load[r] / (bands[r].middle * supply[r] / len(active)))
+                          - len(active) for r in above])
+        reason = f"above band: {_percent(util, above)}"
+    if want > 0:
+        back = sorted(draining, key=lambda m: m.id)[:want]
+        decisions += [Decision("undrain", tier, reason, util, node=m.id) for m in back]
+        if want > len(back) and room > 0:
+            decisions.append(Decision("add", tier, reason, util,
+                                      count=min(want - len(back), room)))
+        return decisions
+    if not active or any(util[r] >= bands[r].low for r in METADATA_RESOURCES):
+        return decisions
+    if hist.below_since is None or now - hist.below_since < policy.scale_in_delay:
+        return decisions
+    if now - max(hist.last_out, hist.last_in) < policy.cooldown_in or starting:
+        return decisions
+    load, _ = metadata_load(active, policy)
+    peak = hist.peak(now - policy.scale_in_delay)
+    load = {r: max(v, peak.get(r, 0.0)) for r, v in load.items()}
+    remaining = list(active)
+    for m in sorted((m for m in active if m.removable and m.holds == 0 and m.jobs == 0),
+                    key=lambda m: (m.cpu, m.id)):
+        if len(remaining) - 1 < max(minimum, 1):
+            break
+        rest = [x for x in remaining if x is not m]
+        _, supply = metadata_load(rest, policy)
+        if any(load[r] / supply[r] > bands[r].high for r in METADATA_RESOURCES):
+            break
+        remaining = rest
+        decisions.append(Decision("drain", tier, f"below band: {_percent(util, METADATA_RESOURCES)}",
+                                  util, node=m.id))
     return decisions
 
 
@@ -308,7 +414,7 @@ def update_history(history: dict[str, TierHistory], observed: ClusterObservation
                    policy: ScalingPolicy, decisions: list[Decision]) -> None:
     """Record ``decisions`` (applied at ``observed.now``) and whether each tier is below band."""
     now = observed.now
-    for tier in {n.tier for n in observed.nodes} | {d.tier for d in decisions}:
+    for tier in ({n.tier for n in observed.nodes} | {d.tier for d in decisions}) - {METADATA}:
         hist = history.setdefault(tier, TierHistory())
         active = [n for n in observed.nodes if n.tier == tier and n.state == "active"]
         load, supply = tier_load(active)
@@ -320,14 +426,31 @@ def update_history(history: dict[str, TierHistory], observed: ClusterObservation
             hist.below_since = now
         hist.recent = [(t, x) for t, x in hist.recent if t >= now - policy.scale_in_delay]
         hist.recent.append((now, load))
-        for d in decisions:
-            if d.tier != tier:
-                continue
-            if d.action in ("add", "undrain"):
-                hist.last_out = now
-                hist.below_since = None
-            elif d.action == "drain":
-                hist.last_in = now
+        _record(hist, tier, now, decisions)
+    if observed.metadata or any(d.tier == METADATA for d in decisions):
+        hist = history.setdefault(METADATA, TierHistory())
+        active = [m for m in observed.metadata if m.state == "active"]
+        load, supply = metadata_load(active, policy)
+        below = bool(active) and all(load[r] < policy.band(METADATA, r).low * supply[r]
+                                     for r in METADATA_RESOURCES)
+        if not below:
+            hist.below_since = None
+        elif hist.below_since is None:
+            hist.below_since = now
+        hist.recent = [(t, x) for t, x in hist.recent if t >= now - policy.scale_in_delay]
+        hist.recent.append((now, load))
+        _record(hist, METADATA, now, decisions)
+
+
+def _record(hist: TierHistory, tier: str, now: float, decisions: list[Decision]) -> None:
+    for d in decisions:
+        if d.tier != tier:
+            continue
+        if d.action in ("add", "undrain"):
+            hist.last_out = now
+            hist.below_since = None
+        elif d.action == "drain":
+            hist.last_in = now
 
 
 # -- data steering ----------------------------------------------------------------

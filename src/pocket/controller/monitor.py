@@ -37,14 +37,18 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from ..protocol import Op
-from .autoscale import (ClusterObservation, Decision, NodeObservation, ScalingPolicy, TierHistory,
-                        decide_scaling, drain_weights, node_headroom, steer_weights,
-                        update_history)
+from .autoscale import (METADATA, ClusterObservation, Decision, MetadataObservation,
+                        NodeObservation, ScalingPolicy, TierHistory, decide_scaling,
+                        drain_weights, node_headroom, steer_weights, update_history)
 
 if TYPE_CHECKING:
     from .server import ControllerServer, NodeRecord
 
 log = logging.getLogger("pocket.autoscale")
+
+#: A metadata server's CPU share counts only this long (s) after it registered: before, its
+#: heartbeats still include the process's start-up.
+YOUNG = 2.5
 
 #: ``reserved_for`` of a draining node in the allocation ledger: no job packs into it.
 DRAINING = "(draining)"
@@ -138,9 +142,39 @@ class AutoscaleMonitor:
                 allocated_capacity=load.allocated_capacity, state=n.state,
                 removable=c.provider.owns(n.address), empty_for=empty_for,
                 confirmed_empty=confirmed_empty))
-        tiers = {o.tier for o in nodes} | set(self.starting) | set(self.policy.min_nodes)
-        return ClusterObservation(now, tuple(nodes), dict(self.starting),
-                                  {t: c.provider.available(t) for t in tiers}, self.history)
+        tiers = ({o.tier for o in nodes} | set(self.starting) | set(self.policy.min_nodes)) - \
+            {METADATA}
+        can_add = {t: c.provider.available(t) for t in tiers}
+        can_add[METADATA] = c.provider.available_metadata()
+        return ClusterObservation(now, tuple(nodes), dict(self.starting), can_add, self.history,
+                                  metadata=tuple(self.observe_metadata()))
+
+    def observe_metadata(self) -> list[MetadataObservation]:
+        """Metadata servers: CPU, active jobs, namespaces held (controller records, the
+        server's own heartbeat, registrations in progress)."""
+        c = self.controller
+        out = []
+        wall = time.time()
+        for m in c.nodes.values():
+            if m.role != "metadata" or m.state not in ("active", "draining"):
+                continue
+            jobs = sum(1 for j in c.jobs.values() if j.metadata == m.id and j.state == "active")
+            reported = m.info.get("jobs") or {}
+            held = sum(1 for info in reported.values() if isinstance(info, dict) and
+                       (info.get("active") or info.get("objects")))
+            holds = max(jobs, held) + c._md_registering.get(m.id, 0)
+            empty_for = 0.0
+            since = self.drained_at.get(m.id)
+            if m.state == "draining" and since is not None and holds == 0 and \
+                    m.last_seen > since:
+                empty_for = m.last_seen - self.empty_since.setdefault(m.id, m.last_seen)
+            else:
+                self.empty_since.pop(m.id, None)
+            # Its first heartbeats include the process's start-up (imports): not load.
+            young = wall - m.registered < YOUNG
+            out.append(MetadataObservation(m.id, 0.0 if young else m.cpu, jobs, holds, m.state,
+                                           c.provider.owns(m.address), empty_for))
+        return out
 
     async def tick(self) -> list[Decision]:
         """One round: observe, decide, apply.  Returns the decisions."""
@@ -158,7 +192,9 @@ class AutoscaleMonitor:
         update_history(self.history, observed, self.policy, decisions)
         drains = []
         for d in decisions:
-            if d.action == "add":
+            if d.tier == METADATA:
+                await self._apply_metadata(d)
+            elif d.action == "add":
                 self._spawn(self._add(d))
             elif d.action == "drain":
                 drains.append(d)
@@ -189,6 +225,56 @@ class AutoscaleMonitor:
                  extra.get("node", extra.get("count", "")), decision.reason)
 
     # -- apply -------------------------------------------------------------------
+    async def _apply_metadata(self, d: Decision) -> None:
+        """Metadata servers: add (provider), drain (no new jobs), undrain, remove (provider)."""
+        c = self.controller
+        if d.action == "add":
+            self._spawn(self._add_metadata(d))
+            return
+        node = c.nodes.get(d.node) if d.node else None
+        if node is None:
+            return
+        if d.action == "drain" and node.state == "active":
+            node.state = "draining"  # the controller assigns it no new job from now on
+            self.drained_at[node.id] = time.monotonic()
+            self.event("draining", d, node=node.id)
+        elif d.action == "undrain" and node.state == "draining":
+            node.state = "active"
+            self.drained_at.pop(node.id, None)
+            self.empty_since.pop(node.id, None)
+            self.event("undrained", d, node=node.id)
+        elif d.action == "remove" and node.state == "draining":
+            node.state = "removing"
+            self.event("removed", d, node=node.id, address=node.address)
+            self._spawn(self._remove_metadata(node))
+
+    async def _remove_metadata(self, node: "NodeRecord") -> None:
+        try:
+            await self.controller.provider.remove(node.address)
+        except Exception as exc:
+            log.warning("autoscale: could not remove metadata server %s: %s", node.id, exc)
+            node.state = "draining"
+
+    async def _add_metadata(self, d: Decision) -> None:
+        c = self.controller
+        self.starting[METADATA] = self.starting.get(METADATA, 0) + d.count
+        self.event("scale_out", d, count=d.count)
+        try:
+            addresses = await asyncio.wait_for(c.provider.start_metadata(d.count, c.address),
+                                               c.provision_timeout)
+            new = await self._registered(addresses, time.monotonic() + c.provision_timeout,
+                                         role="metadata")
+        except Exception as exc:
+            log.warning("autoscale: could not add %d metadata servers: %s", d.count, exc)
+            self.event("add_failed", d, count=d.count, error=str(exc))
+            return
+        finally:
+            self.starting[METADATA] -= d.count
+            if not self.starting[METADATA]:
+                del self.starting[METADATA]
+        for node in new:
+            self.event("added", d, node=node.id, address=node.address)
+
     async def _add(self, d: Decision) -> None:
         c = self.controller
         self.starting[d.tier] = self.starting.get(d.tier, 0) + d.count
@@ -210,11 +296,12 @@ class AutoscaleMonitor:
             self.event("added", d, node=node.id, address=node.address)
         await self.steer(d.tier, {n.id: 1.0 for n in new})
 
-    async def _registered(self, addresses: list[str], deadline: float) -> list["NodeRecord"]:
+    async def _registered(self, addresses: list[str], deadline: float,
+                          role: str = "storage") -> list["NodeRecord"]:
         c = self.controller
         while True:
             found = {n.address: n for n in c.nodes.values()
-                     if n.role == "storage" and n.address in addresses}
+                     if n.role == role and n.address in addresses}
             if len(found) == len(addresses):
                 return [found[a] for a in addresses]
             remaining = deadline - time.monotonic()

@@ -104,6 +104,8 @@ class ControllerServer(Server):
         self.ledger = AllocationLedger()
         #: Addresses of nodes a provider is starting for a job → that job.
         self._pending: dict[str, str] = {}
+        #: Metadata server → job registrations in progress that chose it (it must not leave).
+        self._md_registering: dict[str, int] = {}
         self._joined = asyncio.Event()
         self._spill_refresh: Optional[asyncio.Task] = None
         self._md_conns = AsyncConnectionCache(connect_timeout=5.0)
@@ -156,6 +158,9 @@ class ControllerServer(Server):
             self.ledger.add_node(NodeLoad(node_id, tier, capacity, int(throughput), price,
                                           reserved_for=self._pending.get(address)))
             self._nodes_changed()
+        else:  # wake the autoscaler waiting for a metadata server it started
+            self._joined.set()
+            self._joined = asyncio.Event()
         log.info("%s server %s registered at %s (%s, %d bytes)", role, node_id, address, tier,
                  capacity)
         return {"node": node_id, **key_fields}
@@ -326,6 +331,16 @@ class ControllerServer(Server):
         load = {m.id: sum(1 for j in self.jobs.values() if j.metadata == m.id and j.state == "active")
                 for m in metadata}
         md = least_loaded([m.id for m in metadata], load)
+        self._md_registering[md] = self._md_registering.get(md, 0) + 1
+        try:
+            return await self._register_job(h, name, hints, tier, md)
+        finally:
+            self._md_registering[md] -= 1
+            if not self._md_registering[md]:
+                del self._md_registering[md]
+
+    async def _register_job(self, h: dict, name: str, hints: dict, tier: Optional[str],
+                            md: str) -> dict:
         job_id = f"{job_slug(name)}-{secrets.token_hex(4)}"
         token = secrets.token_urlsafe(24)
         can_add = {t: self.provider.available(t) for t in TIER_ORDER}
