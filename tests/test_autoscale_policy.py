@@ -32,7 +32,8 @@ def observe(nodes, now: float = 100.0, *, can_add: int = 8, starting: int = 0,
 
 
 LONG_BELOW = {"dram": TierHistory(below_since=0.0)}  # below band since long ago
-POLICY = ScalingPolicy(min_nodes={"dram": 1})
+# Uniform 60-80% bands (the tests predate DEFAULT_BANDS for allocated resources).
+POLICY = ScalingPolicy(bands={}, min_nodes={"dram": 1})
 
 
 def actions(decisions) -> list[tuple]:
@@ -292,3 +293,27 @@ def test_metadata_history_no_flapping() -> None:
         added += sum(x.count for x in d if x.tier == METADATA and x.action == "add")
         assert not [x for x in d if x.tier == METADATA and x.action == "drain"]
     assert added == 1
+
+
+def test_default_bands_let_allocation_reach_100_percent_but_measured_load_not() -> None:
+    policy = ScalingPolicy(min_nodes={"dram": 1})
+    assert decide_scaling(observe([node(0, alloc=0.95), node(1, alloc=0.95)]), policy) == []
+    assert actions(decide_scaling(observe([node(0, alloc=1.2), node(1, alloc=1.2)]),
+                                  policy)) == [("add", 1)]  # 2.4 node-loads at 0.8 each: 3
+    assert actions(decide_scaling(observe([node(0, net=0.9), node(1, net=0.9)]),
+                                  policy)) == [("add", 1)]
+
+
+def test_scale_in_at_once_after_a_job_left() -> None:
+    nodes = [node(0, 0.1, removable=False), node(1), node(2)]
+    # a node was just added (cool-down) and the tier only now fell below band ...
+    hist = {"dram": TierHistory(last_out=95.0, below_since=100.0)}
+    assert decide_scaling(observe(nodes, history=hist), POLICY) == []
+    # ... but a job left since: its nodes drain now
+    hist = {"dram": TierHistory(last_out=95.0, below_since=100.0, job_left=99.0)}
+    assert actions(decide_scaling(observe(nodes, history=hist), POLICY)) == \
+        [("drain", "dram-1"), ("drain", "dram-2")]
+    # measured load still counts at its recent peak: 1.5 node-loads of bytes keep two nodes
+    hist = {"dram": TierHistory(last_out=95.0, below_since=100.0, job_left=99.0,
+                                recent=[(99.5, {"bytes": 1.5 * 100 * MiB})])}
+    assert actions(decide_scaling(observe(nodes, history=hist), POLICY)) == [("drain", "dram-1")]

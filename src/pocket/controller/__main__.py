@@ -9,7 +9,7 @@ import sys
 from ..server import (apply_common_arguments, common_arguments, env_default, run_server,
                       setup_logging, split_listen)
 from ..units import parse_duration, parse_rate
-from .autoscale import METADATA, Band, ScalingPolicy, parse_band, parse_tier_nodes
+from .autoscale import DEFAULT_BANDS, METADATA, Band, ScalingPolicy, parse_band, parse_tier_nodes
 from .planner import DEFAULT_PROFILES, PlannerConfig, format_rate, parse_profile
 from .provider import make_provider
 from .server import ControllerServer
@@ -65,7 +65,7 @@ def autoscale_policy(args: argparse.Namespace) -> ScalingPolicy | None:
         return None
     texts = args.scale_band if args.scale_band is not None else \
         [t for t in os.environ.get("POCKET_SCALE_BAND", "").split(";") if t.strip()]
-    bands: dict[str, Band] = dict(parse_band(t) for t in texts)
+    bands: dict[str, Band] = {**DEFAULT_BANDS, **dict(parse_band(t) for t in texts)}
     min_nodes, max_nodes = {"dram": 1, METADATA: 1}, {}
     for text in args.tier_nodes or ():
         tier, low, high = parse_tier_nodes(text)

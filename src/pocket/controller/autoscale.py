@@ -25,7 +25,8 @@ capacity   capacity allocated to jobs ÷ capacity
   not within ``cooldown_out`` of the last scale-out (measured load lags one
   heartbeat behind a new node).
 * **Scale in** when every resource has been below its band for
-  ``scale_in_delay`` and nothing changed in the tier for ``cooldown_in``:
+  ``scale_in_delay`` and nothing changed in the tier for ``cooldown_in`` (or
+  at once, when a job of the tier left since the last change):
   drain the nodes the provider can remove that carry no job allocation,
   emptiest first, as long as the remaining nodes would stay at or below the
   *top* of every band under the *peak* demand of the last ``scale_in_delay``
@@ -67,12 +68,20 @@ class Band:
         return (self.low + self.high) / 2
 
 
+#: Allocated throughput and capacity are reservations that rightsizing already sized to the
+#: jobs' hints (peak demand) and packed to 100%: a 60–80% band on them would buy every job
+#: 25–65% more nodes than it asked for, on top of its own peak.  So they scale out only when
+#: overcommitted (above 100%) and in below 60%; measured load (cpu, net, bytes) keeps 60–80%.
+DEFAULT_BANDS = {"throughput": Band(0.6, 1.0), "capacity": Band(0.6, 1.0)}
+
+
 @dataclass(frozen=True)
 class ScalingPolicy:
     """Bands, node limits and timing of autoscaling (seconds)."""
 
-    #: resource → band, or ``"tier:resource"`` → band for one tier.
-    bands: Mapping[str, Band] = field(default_factory=dict)
+    #: resource → band, or ``"tier:resource"`` → band for one tier (default:
+    #: :data:`DEFAULT_BANDS` over ``default_band``).
+    bands: Mapping[str, Band] = field(default_factory=lambda: dict(DEFAULT_BANDS))
     default_band: Band = Band()
     #: tier → fewest active nodes kept (a tier below it is scaled out).
     min_nodes: Mapping[str, int] = field(default_factory=dict)
@@ -178,6 +187,9 @@ class TierHistory:
     last_out: float = -math.inf
     last_in: float = -math.inf
     below_since: Optional[float] = None
+    #: When a job of the tier last left (deregistered): its allocation is gone for certain,
+    #: so the tier may scale in without waiting for ``scale_in_delay`` (see decide_scaling).
+    job_left: float = -math.inf
     #: ``(time, demand per resource)`` of the last ``scale_in_delay`` seconds: scale-in
     #: projects their peak, not the last sample, so swinging load cannot cause a flap.
     recent: list = field(default_factory=list)
@@ -304,16 +316,22 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
                 decisions.append(Decision("add", tier, reason, util, count=min(want, room)))
             continue
 
-        # Scale in: everything below its band, long enough, and nothing changed lately.
-        if not active or any(util[r] >= bands[r].low for r in RESOURCES):
+        # Scale in: everything below its band, long enough, and nothing changed lately --
+        # or at once when a job left since the last change (its allocation is gone for
+        # certain; allocated resources then count as they are now, measured ones at their
+        # recent peak, so the hysteresis below still holds).
+        if not active or any(util[r] >= bands[r].low for r in RESOURCES) or starting:
             continue
-        if hist.below_since is None or now - hist.below_since < policy.scale_in_delay:
-            continue
-        if now - max(hist.last_out, hist.last_in) < policy.cooldown_in or starting:
-            continue
+        left = hist.job_left > max(hist.last_out, hist.last_in)
+        if not left:
+            if hist.below_since is None or now - hist.below_since < policy.scale_in_delay:
+                continue
+            if now - max(hist.last_out, hist.last_in) < policy.cooldown_in:
+                continue
         load, _ = tier_load(active)
         peak = hist.peak(now - policy.scale_in_delay)
-        load = {r: max(v, peak.get(r, 0.0)) for r, v in load.items()}
+        measured = ("cpu", "net", "bytes") if left else RESOURCES
+        load = {r: max(v, peak.get(r, 0.0)) if r in measured else v for r, v in load.items()}
         remaining = list(active)
         candidates = sorted((n for n in active if n.removable and n.allocated_capacity == 0
                              and n.allocated_throughput == 0),

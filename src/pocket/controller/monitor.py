@@ -87,6 +87,8 @@ class AutoscaleMonitor:
         self.started = time.monotonic()
         self._task: Optional[asyncio.Task] = None
         self._actions: set[asyncio.Task] = set()
+        self._tick_lock = asyncio.Lock()
+        self._poked: Optional[asyncio.Task] = None
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -94,7 +96,7 @@ class AutoscaleMonitor:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        for task in [self._task, *self._actions]:
+        for task in [self._task, self._poked, *self._actions]:
             if task is not None:
                 task.cancel()
 
@@ -123,8 +125,11 @@ class AutoscaleMonitor:
             if load.reserved_for not in (None, DRAINING):
                 continue  # a job's registration is packing it right now
             hist = self.history.setdefault(n.tier, TierHistory())
-            # a node that registered lately (ours or a job's) counts as a recent scale-out
-            hist.last_out = max(hist.last_out, now - (wall - n.registered))
+            # a node the provider started lately (ours or for a job's registration) counts as
+            # a recent scale-out; nodes started by hand (the cluster's floor) do not
+            owned = c.provider.owns(n.address)
+            if owned:
+                hist.last_out = max(hist.last_out, now - (wall - n.registered))
             empty_for = 0.0
             confirmed = self.migrated.get(n.id)
             confirmed_empty = (n.state == "draining" and confirmed is not None and
@@ -140,7 +145,7 @@ class AutoscaleMonitor:
                 n.id, n.tier, n.capacity, load.throughput, used=n.used, cpu=n.cpu,
                 net=n.net_in + n.net_out, allocated_throughput=load.allocated_throughput,
                 allocated_capacity=load.allocated_capacity, state=n.state,
-                removable=c.provider.owns(n.address), empty_for=empty_for,
+                removable=owned, empty_for=empty_for,
                 confirmed_empty=confirmed_empty))
         tiers = ({o.tier for o in nodes} | set(self.starting) | set(self.policy.min_nodes)) - \
             {METADATA}
@@ -176,8 +181,36 @@ class AutoscaleMonitor:
                                            c.provider.owns(m.address), empty_for))
         return out
 
+    def job_left(self, tier: str) -> None:
+        """A job of ``tier`` deregistered (or lapsed): the tier may scale in at once."""
+        self.history.setdefault(tier, TierHistory()).job_left = time.monotonic()
+
+    def poke(self) -> None:
+        """Decide now rather than at the next tick (a heartbeat crossed a band's top)."""
+        if self._poked is None or self._poked.done():
+            self._poked = asyncio.get_running_loop().create_task(self._poke())
+
+    async def _poke(self) -> None:
+        try:
+            await self.tick()
+        except Exception:
+            log.exception("autoscale tick failed")
+
+    def above_band(self, node: "NodeRecord") -> bool:
+        """Whether one storage heartbeat puts its node above a measured band's top."""
+        p = self.policy
+        rate = node.throughput or 1.0
+        return (node.cpu > p.band(node.tier, "cpu").high or
+                (node.net_in + node.net_out) / rate > p.band(node.tier, "net").high or
+                (node.capacity > 0 and node.used / node.capacity > p.band(node.tier,
+                                                                           "bytes").high))
+
     async def tick(self) -> list[Decision]:
         """One round: observe, decide, apply.  Returns the decisions."""
+        async with self._tick_lock:
+            return await self._tick()
+
+    async def _tick(self) -> list[Decision]:
         self.ticks += 1
         now = time.monotonic()
         known = set(self.controller.nodes)

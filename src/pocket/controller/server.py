@@ -203,6 +203,9 @@ class ControllerServer(Server):
             if key in h:
                 node.info[key] = h[key]
         self.ledger.set_capacity(node.id, node.capacity)
+        if (self.autoscaler is not None and node.role == "storage" and node.state == "active"
+                and self.autoscaler.above_band(node)):
+            self.autoscaler.poke()  # react to a crossing now, not at the next tick
         if node.role == "metadata" and isinstance(h.get("jobs"), dict):
             self._end_lapsed_jobs(node.id, h["jobs"])
         return None
@@ -215,6 +218,8 @@ class ControllerServer(Server):
             if (job is not None and job.state == "active" and job.metadata == md_id and
                     isinstance(info, dict) and info.get("active") is False):
                 self.ledger.release(job.id)
+                if self.autoscaler is not None:
+                    self.autoscaler.job_left(job.tier)
                 job.usage.ended = time.monotonic()
                 job.state = "expired"
                 job.deregistered = time.time()
@@ -530,6 +535,8 @@ class ControllerServer(Server):
         except NotFound:
             reply = None
         self.ledger.release(job.id)
+        if self.autoscaler is not None:
+            self.autoscaler.job_left(job.tier)
         job.usage.ended = time.monotonic()
         job.state = "deregistered"
         job.deregistered = time.time()
