@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pocket.autoscale")
 
-#: A metadata server's CPU share counts only this long (s) after it registered: before, its
-#: heartbeats still include the process's start-up.
+#: A server's CPU share counts only this long (s) after it registered: before, its
+#: heartbeats still include the process's start-up (imports: ~100% of a core).
 YOUNG = 2.5
 
 #: ``reserved_for`` of a draining node in the allocation ledger: no job packs into it.
@@ -141,8 +141,10 @@ class AutoscaleMonitor:
                     empty_for = n.last_seen - first
                 else:
                     self.empty_since.pop(n.id, None)
+            young = wall - n.registered < YOUNG  # its CPU still includes its start-up
             nodes.append(NodeObservation(
-                n.id, n.tier, n.capacity, load.throughput, used=n.used, cpu=n.cpu,
+                n.id, n.tier, n.capacity, load.throughput, used=n.used,
+                cpu=0.0 if young else n.cpu,
                 net=n.net_in + n.net_out, allocated_throughput=load.allocated_throughput,
                 allocated_capacity=load.allocated_capacity, state=n.state,
                 removable=owned, empty_for=empty_for,

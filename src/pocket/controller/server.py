@@ -204,7 +204,7 @@ class ControllerServer(Server):
                 node.info[key] = h[key]
         self.ledger.set_capacity(node.id, node.capacity)
         if (self.autoscaler is not None and node.role == "storage" and node.state == "active"
-                and self.autoscaler.above_band(node)):
+                and time.time() - node.registered > 2.5 and self.autoscaler.above_band(node)):
             self.autoscaler.poke()  # react to a crossing now, not at the next tick
         if node.role == "metadata" and isinstance(h.get("jobs"), dict):
             self._end_lapsed_jobs(node.id, h["jobs"])
