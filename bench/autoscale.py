@@ -1,10 +1,11 @@
 """Autoscaling over the original Pocket's three-job trace, with real load from lambda processes.
 
-The trace (Klimovic et al., OSDI'18, the autoscaling figure): a sort job
-arrives at ~20 s, a video-analytics job at ~100 s and a second sort at
-~145 s, each leaving later.  Here time is compressed by ``--time-scale``
-(default 0.25: 20 s → 5 s) and each job is sized in nodes of this machine
-(``--node-rate``, ``--node-capacity``).  Each job registers with throughput
+The trace (Klimovic et al., OSDI'18, the autoscaling figure, ~250 s): a sort
+job arrives at ~20 s and leaves at ~60 s, a video-analytics job runs from
+~100 s to ~195 s and a second sort from ~145 s to ~185 s; between the jobs
+the cluster is back at its minimum.  Here time is compressed by
+``--time-scale`` (default 0.5: 250 s → 125 s) and each job is sized in nodes
+of this machine (``--node-rate``, ``--node-capacity``).  Each job registers with throughput
 and capacity hints and runs lambda processes that put, get and delete 1 MiB
 objects at a fixed rate until it leaves.
 
@@ -38,7 +39,9 @@ from pocket.units import parse_rate, parse_size  # noqa: E402
 MiB = 1 << 20
 
 #: name, arrival (s, paper time), duration (s, paper time), nodes of throughput, lambdas
-TRACE = [("sort-1", 20, 50, 2, 3), ("video", 100, 100, 3, 4), ("sort-2", 145, 50, 2, 3)]
+TRACE = [("sort-1", 20, 40, 3, 3), ("video", 100, 95, 4, 4), ("sort-2", 145, 40, 3, 3)]
+#: The paper's figure spans this long (s, paper time).
+SPAN = 250
 
 
 def lambda_worker(controller: str, job_id: str, token: str, stop_at: float, rate: float,
@@ -78,9 +81,14 @@ def lambda_worker(controller: str, job_id: str, token: str, stop_at: float, rate
 def sample(client: pocket.Cluster, t0: float) -> dict:
     s = client.status()
     storage = [n for n in s["nodes"] if n["role"] == "storage"]
+    starting = {t: k for t, k in s["autoscale"].get("starting", {}).items() if t != "metadata"}
     return {"t": round(time.time() - t0, 2),
             "nodes": sum(1 for n in storage if n["state"] == "active"),
             "draining": sum(1 for n in storage if n["state"] != "active"),
+            # processes the autoscaler is starting cost node-seconds too
+            "starting": sum(starting.values()),
+            "capacity": sum(n.get("throughput", 0) for n in storage if n["state"] == "active"),
+            "metadata": sum(1 for n in s["nodes"] if n["role"] == "metadata"),
             "allocated": sum(n.get("allocated_throughput", 0) for n in storage),
             "used": sum(n["used"] for n in storage),
             "net": sum(n["net_in"] + n["net_out"] for n in storage),
@@ -111,8 +119,8 @@ def run_job(client: pocket.Cluster, name: str, start: float, duration: float, no
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--time-scale", type=float, default=0.25,
-                        help="compress the trace's time by this factor (default 0.25)")
+    parser.add_argument("--time-scale", type=float, default=0.5,
+                        help="compress the trace's time by this factor (default 0.5)")
     parser.add_argument("--node-rate", default="100MB/s",
                         help="throughput each storage node reports (default 100MB/s)")
     parser.add_argument("--node-capacity", default="64MiB", help="capacity per node (64MiB)")
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     node_rate = parse_rate(args.node_rate)
     trace = [(n, a * args.time_scale, d * args.time_scale, k, lam) for n, a, d, k, lam in TRACE]
-    end = max(a + d for _, a, d, _, _ in trace) + 8.0
+    end = SPAN * args.time_scale
     errors: mp.Queue = mp.Queue()
     samples: list[dict] = []
     results: dict = {}
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             th.start()
         while time.time() - t0 < end or any(th.is_alive() for th in threads):
             samples.append(sample(client, t0))
-            time.sleep(max(0.0, 1.0 - (time.time() - t0) % 1.0))
+            time.sleep(max(0.0, 0.5 - (time.time() - t0) % 0.5))
         for th in threads:
             th.join()
         last_left = max(results[n]["left"] for n, *_ in trace)
@@ -153,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     errs = []
     while not errors.empty():
         errs.append(errors.get())
-    # node-seconds: integrate the sampled node count (active + draining) over the run
-    node_seconds = sum((b["t"] - a["t"]) * (a["nodes"] + a["draining"])
+    # node-seconds: integrate the sampled storage nodes (active + draining + starting)
+    node_seconds = sum((b["t"] - a["t"]) * (a["nodes"] + a["draining"] + a["starting"])
                        for a, b in zip(samples, samples[1:]))
     duration = samples[-1]["t"] - samples[0]["t"]
-    peak = max(s["nodes"] + s["draining"] for s in samples)
+    peak = max(s["nodes"] + s["draining"] + s["starting"] for s in samples)
     static = peak * duration
     print(f"{'job':<8} {'arrives s':>9} {'leaves s':>9} {'registered in s':>16} {'map nodes':>9}")
     for n, a, d, _, _ in trace:
@@ -182,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                        "node_seconds": node_seconds, "static": static, "back": back,
                        "errors": errs}, f, indent=1)
     if args.plot:
-        plot(samples, trace, args.plot, node_rate)
+        plot(samples, trace, results, args.plot, node_rate)
     return 1 if errs else 0
 
 
-def plot(samples: list[dict], trace: list, path: str, node_rate: float) -> None:
+def plot(samples: list[dict], trace: list, results: dict, path: str, node_rate: float) -> None:
+    """The timeline like the paper's figure: storage nodes over time (top), throughput
+    allocated to jobs, the nodes' rated throughput and the measured traffic (bottom), job
+    arrivals and departures marked."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -195,18 +206,40 @@ def plot(samples: list[dict], trace: list, path: str, node_rate: float) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     t = [s["t"] for s in samples]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.step(t, [s["nodes"] + s["draining"] for s in samples], where="post", label="storage nodes")
-    ax.plot(t, [s["allocated"] / node_rate for s in samples], label="allocated (node-equivalents)")
-    ax.plot(t, [s["net"] / node_rate for s in samples], label="measured traffic (node-equiv.)")
-    for name, a, d, _, _ in trace:
-        ax.axvspan(a, a + d, alpha=0.08)
-        ax.text(a, ax.get_ylim()[1] * 0.95 if ax.get_ylim()[1] else 1, name, fontsize=8)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("nodes")
-    ax.legend(fontsize=8, loc="upper right")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True,
+                                      gridspec_kw={"height_ratios": [1, 1.3]})
+    top.step(t, [s["nodes"] + s["draining"] + s["starting"] for s in samples], where="post",
+             color="tab:blue", label="storage nodes (incl. draining, starting)")
+    top.step(t, [s["nodes"] for s in samples], where="post", color="tab:blue", alpha=0.4,
+             linestyle="--", label="active")
+    top.set_ylabel("nodes")
+    top.set_ylim(0, max(s["nodes"] + s["draining"] + s["starting"] for s in samples) + 1.5)
+    mb = 1e6
+    bottom.step(t, [s["capacity"] / mb for s in samples], where="post", color="tab:gray",
+                label="throughput of active nodes")
+    bottom.step(t, [s["allocated"] / mb for s in samples], where="post", color="tab:orange",
+                label="allocated to jobs")
+    bottom.plot(t, [s["net"] / mb for s in samples], color="tab:green",
+                label="used (measured in + out)")
+    bottom.set_ylabel("MB/s")
+    bottom.set_xlabel("time (s)")
+    for name, a, _d, _, _ in trace:
+        left = results.get(name, {}).get("left")
+        for ax in (top, bottom):
+            ax.axvline(a, color="black", linewidth=0.6)
+            if left is not None:
+                ax.axvline(left, color="black", linewidth=0.6, linestyle=":")
+        top.annotate(f"{name} ▶", (a, top.get_ylim()[1]), fontsize=7, ha="left", va="top",
+                     xytext=(2, -2), textcoords="offset points")
+        if left is not None:
+            top.annotate("◀", (left, top.get_ylim()[1]), fontsize=7, ha="right", va="top",
+                         xytext=(-2, -2), textcoords="offset points")
+    top.legend(fontsize=7, loc="center left")
+    bottom.legend(fontsize=7, loc="upper left")
+    top.set_title("Autoscaling over the three-job trace (solid: job arrives, dotted: leaves)",
+                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     print(f"timeline written to {path}")
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from pocket.controller.autoscale import (Band, ClusterObservation, NodeObservation,
+from pocket.controller.autoscale import (METADATA, Band, ClusterObservation, MetadataObservation,
+                                         NodeObservation,
                                          ScalingPolicy, TierHistory, decide_scaling, parse_band,
                                          parse_tier_nodes, tier_utilisation, update_history)
 
@@ -29,7 +32,8 @@ def observe(nodes, now: float = 100.0, *, can_add: int = 8, starting: int = 0,
 
 
 LONG_BELOW = {"dram": TierHistory(below_since=0.0)}  # below band since long ago
-POLICY = ScalingPolicy(min_nodes={"dram": 1})
+# Uniform 60-80% bands (the tests predate DEFAULT_BANDS for allocated resources).
+POLICY = ScalingPolicy(bands={}, min_nodes={"dram": 1})
 
 
 def actions(decisions) -> list[tuple]:
@@ -135,6 +139,16 @@ def test_drained_node_removed_only_when_empty_for_a_while() -> None:
     assert actions(d) == [("remove", "dram-1")]
 
 
+def test_migrated_node_removed_at_its_first_empty_heartbeat() -> None:
+    base = node(0, 0.3, removable=False)
+    moved = dataclasses.replace(node(1, state="draining"), confirmed_empty=True)
+    assert actions(decide_scaling(observe([base, moved]), POLICY)) == [("remove", "dram-1")]
+    assert decide_scaling(observe([base, moved]), POLICY)[0].reason == "drained, objects moved"
+    # still holding bytes (a read lease, say): never, whatever the metadata servers said
+    holding = dataclasses.replace(node(1, 0.1, state="draining"), confirmed_empty=True)
+    assert actions(decide_scaling(observe([base, holding]), POLICY)) == []
+
+
 def test_band_per_tier_and_resource() -> None:
     policy = ScalingPolicy(bands={"dram:bytes": Band(0.2, 0.3), "cpu": Band(0.1, 0.5)})
     assert policy.band("dram", "bytes") == Band(0.2, 0.3)
@@ -199,3 +213,107 @@ def test_steering_gives_new_nodes_the_larger_weight() -> None:
     assert drain_weights({"a": 0.25, "b": 0.75}, {"b"}, {}) == {"a": 1.0}
     assert drain_weights({"b": 1.0}, {"b"}, {"a": 0.2, "c": 0.6}) == \
         {"a": pytest.approx(0.25), "c": pytest.approx(0.75)}
+
+
+# -- metadata servers ------------------------------------------------------------------
+MD_POLICY = ScalingPolicy(min_nodes={"dram": 1, METADATA: 1}, jobs_per_metadata=4)
+
+
+def md(i: int, *, cpu: float = 0.0, jobs: int = 0, holds: int | None = None,
+       state: str = "active", removable: bool = True, empty_for: float = 0.0
+       ) -> MetadataObservation:
+    return MetadataObservation(f"md-{i}", cpu, jobs, jobs if holds is None else holds, state,
+                               removable, empty_for)
+
+
+def md_observe(servers, now: float = 100.0, *, can_add: int = 4, starting: int = 0,
+               history=None) -> ClusterObservation:
+    return ClusterObservation(now, (node(0, 0.7, removable=False),),
+                              {METADATA: starting} if starting else {},
+                              {"dram": 8, METADATA: can_add}, history or {},
+                              metadata=tuple(servers))
+
+
+def md_actions(decisions) -> list[tuple]:
+    return actions([d for d in decisions if d.tier == METADATA])
+
+
+@pytest.mark.parametrize("kw, resource", [({"cpu": 0.9}, "cpu"), ({"jobs": 4}, "jobs")])
+def test_metadata_scale_out_on_cpu_or_jobs(kw, resource) -> None:
+    d = [x for x in decide_scaling(md_observe([md(0, removable=False, **kw)]), MD_POLICY)
+         if x.tier == METADATA]
+    assert md_actions(d) == [("add", 1)] and resource in d[0].reason
+    # 10 jobs on 1 server sized for 4: 250%; at the band middle (70%) that is 4 servers
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=10)]), MD_POLICY)) == [("add", 3)]
+
+
+def test_metadata_no_scale_out_within_band_while_starting_or_at_the_cap() -> None:
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=3, cpu=0.5)]), MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=4)], starting=1), MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=4)], can_add=0), MD_POLICY)) == []
+
+
+def test_metadata_scale_in_only_an_idle_provider_server_holding_no_namespace() -> None:
+    hist = {METADATA: TierHistory(below_since=0.0), "dram": TierHistory()}
+    base = md(0, removable=False)
+    # holds a deregistered job's persisted objects: never
+    assert md_actions(decide_scaling(md_observe([base, md(1, holds=1)], history=hist),
+                                     MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([base, md(1)], history=hist), MD_POLICY)) == \
+        [("drain", "md-1")]
+    # not one the provider started, or the last one: never
+    assert md_actions(decide_scaling(md_observe([base, md(1, removable=False)], history=hist),
+                                     MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([md(1)], history=hist), MD_POLICY)) == []
+    # not before the delay
+    fresh = {METADATA: TierHistory(below_since=99.0)}
+    assert md_actions(decide_scaling(md_observe([base, md(1)], history=fresh), MD_POLICY)) == []
+
+
+def test_metadata_drained_server_removed_when_idle_or_taken_back_under_load() -> None:
+    base = md(0, removable=False)
+    assert md_actions(decide_scaling(md_observe([base, md(1, state="draining", empty_for=1.0)]),
+                                     MD_POLICY)) == [("remove", "md-1")]
+    assert md_actions(decide_scaling(md_observe([base, md(1, state="draining", holds=1,
+                                                          empty_for=5.0)]), MD_POLICY)) == []
+    assert md_actions(decide_scaling(md_observe([md(0, jobs=4, removable=False),
+                                                 md(1, state="draining")]), MD_POLICY)) == \
+        [("undrain", "md-1")]
+
+
+def test_metadata_history_no_flapping() -> None:
+    history: dict = {}
+    added = 0
+    for t in range(60):  # one server's jobs swing 5 <-> 2 (125% <-> 50% of 4) every second
+        servers = [md(0, jobs=5 if t % 2 else 2, removable=False)] + \
+            [md(i + 1, jobs=0) for i in range(added)]
+        obs = md_observe(servers, now=float(t), history=history)
+        d = decide_scaling(obs, MD_POLICY)
+        update_history(history, obs, MD_POLICY, d)
+        added += sum(x.count for x in d if x.tier == METADATA and x.action == "add")
+        assert not [x for x in d if x.tier == METADATA and x.action == "drain"]
+    assert added == 1
+
+
+def test_default_bands_let_allocation_reach_100_percent_but_measured_load_not() -> None:
+    policy = ScalingPolicy(min_nodes={"dram": 1})
+    assert decide_scaling(observe([node(0, alloc=0.95), node(1, alloc=0.95)]), policy) == []
+    assert actions(decide_scaling(observe([node(0, alloc=1.2), node(1, alloc=1.2)]),
+                                  policy)) == [("add", 1)]  # 2.4 node-loads at 0.8 each: 3
+    assert actions(decide_scaling(observe([node(0, net=0.9), node(1, net=0.9)]),
+                                  policy)) == [("add", 1)]
+
+
+def test_scale_in_at_once_after_a_job_left() -> None:
+    nodes = [node(0, 0.1, removable=False), node(1), node(2)]
+    # a node was just added (cool-down) and the tier only now fell below band ...
+    hist = {"dram": TierHistory(last_out=95.0, below_since=100.0)}
+    assert decide_scaling(observe(nodes, history=hist), POLICY) == []
+    # ... but a job left since: its nodes drain now
+    hist = {"dram": TierHistory(last_out=95.0, below_since=100.0, job_left=99.0)}
+    assert actions(decide_scaling(observe(nodes, history=hist), POLICY)) == \
+        [("drain", "dram-1"), ("drain", "dram-2")]
+    # measured load still counts at its recent peak: 1.5 node-loads of bytes keep two nodes
+    hist = {"dram": TierHistory(last_out=95.0, below_since=100.0, job_left=99.0,
+                                recent=[(99.5, {"bytes": 1.5 * 100 * MiB})])}
+    assert actions(decide_scaling(observe(nodes, history=hist), POLICY)) == [("drain", "dram-1")]

@@ -83,3 +83,40 @@ def test_server_flags_are_checked() -> None:
     r = subprocess.run([sys.executable, "-m", "pocket.storage", "--capacity", "lots"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "capacity" in r.stderr
+
+
+@pytest.mark.timeout(90)
+def test_pocket_up_autoscale_metrics_and_plain_status_shows_states_and_events(tmp_path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "pocket", "up", "--port", "0", "--dram", "1",
+                             "--capacity", "64MiB", "--autoscale", "--max-nodes", "1",
+                             "--metrics-port", "0", "--migrate-on-drain",
+                             "--log-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def table() -> str:
+        return subprocess.run([sys.executable, "-m", "pocket", "status", "--controller",
+                               address], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        address = read_until(proc, r"controller at (\S+)").group(1)
+        with pocket.connect(address) as c:
+            job = c.register_job("cli", capacity="100MiB", throughput="1MB/s")  # adds a node
+            job.put("kept", b"1" * 200_000, persist=True)
+            status = c.status()
+            assert status["metrics"] and all(n.get("metrics") for n in status["nodes"])
+            assert len(status["nodes"]) == 3  # the provider's node has metrics too
+            job.deregister()
+            deadline = time.monotonic() + 30
+            while "removed" not in (text := table()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        assert "autoscaling on" in text and "migrate on drain" in text
+        assert "draining" in text and "removed" in text and "below band" in text
+        assert f"(metrics on {status['metrics']})" in text
+        for n in status["nodes"]:
+            if n["address"] in text:
+                assert n["metrics"] in text
+        assert re.search(r"\bactive\b", text)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)

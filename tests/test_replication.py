@@ -374,3 +374,29 @@ def test_kill_storage_replicated_objects_survive(make_cluster) -> None:
     print(f"kill -9: {len(objects)} replicated objects read twice in {took:.2f}s "
           f"(slowest get {slowest:.3f}s)")
     cl.close()
+
+
+@pytest.mark.timeout(45)
+def test_migrate_on_drain_keeps_copies_on_distinct_nodes(make_cluster) -> None:
+    """--migrate-on-drain moves a replicated object's copy off the draining node to a node
+    without the other copy: every piece keeps 2 copies on 2 nodes, byte-exact."""
+    c = make_cluster(dram=2, capacity="64MiB", provider="local", max_nodes=1, autoscale=True,
+                     controller_args=("--migrate-on-drain",))
+    with pocket.connect(c.address) as client:
+        base = {p.address for p in c.processes if p.role == "storage"}
+        # 2 × 70 MiB of copies do not fit the two 64 MiB base nodes: the provider adds one.
+        job = client.register_job("copies", capacity="70MiB", throughput="1MB/s", replicas=2)
+        assert len(job.weights) == 3
+        data = {f"r{i}": os.urandom(2 * MiB + i) for i in range(12)}
+        for name, value in data.items():
+            job.put(name, value, persist=True)
+        added = next(n for n in client.status()["nodes"]
+                     if n["role"] == "storage" and n["address"] not in base)
+        assert any(added["address"] in job.lookup(n).servers for n in data)
+        job.deregister()  # persisted objects stay; the allocation is gone: below band
+        assert wait_for(lambda: all(n["id"] != added["id"] for n in client.status()["nodes"]),
+                        timeout=20, interval=0.1), "the drained node did not leave"
+        for name, value in data.items():
+            servers = job.lookup(name).servers
+            assert len(servers) == 2 and added["address"] not in servers, (name, servers)
+            assert job.get(name) == value

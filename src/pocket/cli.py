@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 from .client import default_controller
@@ -14,6 +15,7 @@ from .connection import BlockingConnection
 from .errors import PocketError
 from .local import LocalCluster, default_capacity
 from .protocol import Op
+from .server import parse_metrics_port
 from .controller.planner import format_rate
 from .units import format_size
 
@@ -26,7 +28,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                                log_dir=args.log_dir, nvme=args.nvme, ssd=args.ssd, hdd=args.hdd,
                                data_dir=args.data_dir, flash_capacity=args.flash_capacity,
                                provider="local" if args.autoscale else args.provider,
-                               max_nodes=args.max_nodes, autoscale=args.autoscale or None)
+                               max_nodes=args.max_nodes, autoscale=args.autoscale or None,
+                               metrics_port=args.metrics_port,
+                               migrate_on_drain=args.migrate_on_drain)
     except ValueError as exc:
         print(f"pocket up: {exc}", file=sys.stderr)
         return 2
@@ -63,14 +67,20 @@ def fetch_status(address: str) -> dict:
         conn.close()
 
 
-def format_status(status: dict) -> str:
-    lines = [f"controller {status['controller']}", "",
-             f"{'NODE':<14} {'ROLE':<9} {'TIER':<9} {'ADDRESS':<22} {'STATE':<8} "
-             f"{'CAPACITY':>11} {'USED':>11} {'CPU':>5}"]
+def format_status(status: dict, events: int = 10) -> str:
+    """``pocket status`` as text: nodes (with state and metrics address), jobs, and the
+    autoscaler's last ``events`` events."""
+    head = f"controller {status['controller']}"
+    if status.get("metrics"):
+        head += f"  (metrics on {status['metrics']})"
+    lines = [head, "",
+             f"{'NODE':<14} {'ROLE':<9} {'TIER':<9} {'ADDRESS':<22} {'STATE':<9} "
+             f"{'CAPACITY':>11} {'USED':>11} {'CPU':>5}  METRICS"]
     for n in sorted(status["nodes"], key=lambda n: (n["role"], n["id"])):
         lines.append(f"{n['id']:<14} {n['role']:<9} {n['tier']:<9} {n['address']:<22} "
-                     f"{n['state']:<8} {format_size(n['capacity']):>11} "
-                     f"{format_size(n['used']):>11} {n['cpu'] * 100:>4.0f}%")
+                     f"{n['state']:<9} {format_size(n['capacity']):>11} "
+                     f"{format_size(n['used']):>11} {n['cpu'] * 100:>4.0f}%  "
+                     f"{n.get('metrics', '-')}")
     lines += ["", f"{'JOB':<28} {'NAME':<14} {'STATE':<13} {'TIER':<6} {'OBJECTS':>8} "
                   f"{'BYTES':>11} {'ALLOCATED':>22} {'COST $':>10}  WEIGHT MAP"]
     for j in status["jobs"]:
@@ -87,7 +97,29 @@ def format_status(status: dict) -> str:
         lines.append("(no jobs)")
     elif any(j.get("overcommitted") for j in status["jobs"]):
         lines.append("(! overcommitted: the tier lacked room and no provider could add nodes)")
+    lines += ["", *format_autoscale(status.get("autoscale") or {}, events)]
     return "\n".join(lines)
+
+
+def format_autoscale(autoscale: dict, count: int) -> list[str]:
+    """The autoscaler's state and its last ``count`` events, one line each."""
+    if not autoscale.get("enabled"):
+        return ["autoscaling off"]
+    starting = ", ".join(f"{k} {t}" for t, k in autoscale.get("starting", {}).items())
+    lines = [f"autoscaling on (every {autoscale.get('interval', 1):g}s"
+             f"{', migrate on drain' if autoscale.get('migrate_on_drain') else ''}"
+             f"{'; starting ' + starting if starting else ''}); last events:"]
+    recent = autoscale.get("events", [])[-count:]
+    for e in recent:
+        when = time.strftime("%H:%M:%S", time.localtime(e["time"]))
+        what = e.get("node") or (f"{e['count']} nodes" if "count" in e else "")
+        extra = f" ({e['error']})" if e.get("error") else ""
+        if e["event"] == "migrated":
+            extra = f" ({e['objects']} objects, {format_size(e['bytes'])} in {e['seconds']}s)"
+        lines.append(f"  {when} {e['event']:<10} {e['tier']:<9} {what:<14} {e['reason']}{extra}")
+    if not recent:
+        lines.append("  (none)")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -129,6 +161,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     up.add_argument("--autoscale", action="store_true",
                     help="add storage servers when a tier's utilisation is above its band and "
                          "drain and stop them below it (uses the local provider)")
+    up.add_argument("--migrate-on-drain", action="store_true",
+                    help="with --autoscale: move a draining node's objects to other nodes so "
+                         "it leaves at once (default: it leaves when its last object is gone)")
+    up.add_argument("--metrics-port", type=parse_metrics_port, default=None,
+                    help="serve Prometheus metrics: the controller on this port, every other "
+                         "server on a free port (0: all on free ports); addresses in "
+                         "`pocket status` (default off)")
     up.add_argument("--log-level", default="INFO", help="server log level (default INFO)")
     up.add_argument("--log-dir", default=None,
                     help="write each server's log to a file here instead of stderr")

@@ -68,7 +68,8 @@ class LocalCluster:
                  nvme: int = 0, ssd: int = 0, hdd: int = 0, data_dir: Optional[str] = None,
                  flash_capacity: int | str | None = None, provider: str = "none",
                  max_nodes: int = 8, throughput: int | str | None = None,
-                 autoscale: Optional[bool] = None) -> None:
+                 autoscale: Optional[bool] = None, metrics_port: Optional[int] = None,
+                 migrate_on_drain: bool = False) -> None:
         if min(dram, nvme, ssd, hdd) < 0 or metadata < 1:
             raise ValueError("need at least one metadata server and no negative counts")
         if provider not in ("none", "local"):
@@ -103,6 +104,10 @@ class LocalCluster:
         self.autoscale = autoscale
         #: Data rate each storage server reports (default: its tier's node profile).
         self.throughput = parse_rate(throughput) if throughput is not None else None
+        #: Prometheus metrics: the controller on this port (0: a free one), every other
+        #: server (and those the provider starts) on a free port; None: off.
+        self.metrics_port = metrics_port
+        self.migrate_on_drain = migrate_on_drain
         self.processes: list[ServerProcess] = []
         self.address = ""
 
@@ -116,8 +121,13 @@ class LocalCluster:
         else:
             stderr = None  # type: ignore[assignment]
         cmd = [sys.executable, "-m", f"pocket.{role}", "--log-level", self.log_level, *args]
+        env = server_environment()
+        if self.metrics_port is not None:
+            port = self.metrics_port if role == "controller" else 0
+            cmd += ["--metrics-port", str(port)]
+            env["POCKET_METRICS_PORT"] = "0"  # servers the controller's provider starts too
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
-                                env=server_environment(), preexec_fn=die_with_parent)
+                                env=env, preexec_fn=die_with_parent)
         if log_path is not None:
             stderr.close()  # type: ignore[union-attr]
         server = ServerProcess(role, proc, "", log_path)
@@ -170,6 +180,8 @@ class LocalCluster:
                 args += ["--node-dir", self.data_dir]
         if self.autoscale is not None:
             args += ["--autoscale", "on" if self.autoscale else "off"]
+        if self.migrate_on_drain:
+            args += ["--migrate-on-drain"]
         return args
 
     def start(self, timeout: float = 30.0) -> "LocalCluster":

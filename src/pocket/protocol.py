@@ -84,6 +84,8 @@ class Op:
     JOB_ADD = 50
     JOB_UPDATE = 51
     JOB_REMOVE = 52
+    #: move every extent on one storage node to other nodes (``--migrate-on-drain``)
+    EXTENTS_MOVE = 56
     # storage
     EXT_ALLOC = 70
     EXT_WRITE = 71

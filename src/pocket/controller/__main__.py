@@ -9,7 +9,7 @@ import sys
 from ..server import (apply_common_arguments, common_arguments, env_default, run_server,
                       setup_logging, split_listen)
 from ..units import parse_duration, parse_rate
-from .autoscale import Band, ScalingPolicy, parse_band, parse_tier_nodes
+from .autoscale import DEFAULT_BANDS, METADATA, Band, ScalingPolicy, parse_band, parse_tier_nodes
 from .planner import DEFAULT_PROFILES, PlannerConfig, format_rate, parse_profile
 from .provider import make_provider
 from .server import ControllerServer
@@ -37,13 +37,26 @@ def add_autoscale_arguments(parser: argparse.ArgumentParser) -> None:
                              "capacity (allocated); repeatable (default 60-80 for all; env "
                              "POCKET_SCALE_BAND, several separated by ';')")
     parser.add_argument("--tier-nodes", action="append", default=None,
-                        help="autoscaling limits of a tier, TIER=MIN:MAX (e.g. dram=1:8); "
-                             "repeatable (default dram=1:, no maximum but the provider's)")
+                        help="autoscaling limits of a tier, TIER=MIN:MAX (e.g. dram=1:8; "
+                             "metadata=1:3 for metadata servers); repeatable (default dram=1: "
+                             "and metadata=1:, no maximum but the provider's)")
     parser.add_argument("--scale-cooldown", default=env_default("scale_cooldown", "2s"),
                         help="least time between two scale-outs of a tier (default 2s)")
     parser.add_argument("--scale-in-delay", default=env_default("scale_in_delay", "2s"),
                         help="how long a tier stays below its band before nodes are drained; "
                              "also the least time after any change (+1s) (default 2s)")
+    parser.add_argument("--metadata-jobs", type=int,
+                        default=int(env_default("metadata_jobs", 16)),
+                        help="active jobs one metadata server is sized for: the metadata:jobs "
+                             "band applies to active jobs / (servers x this) (default 16)")
+    parser.add_argument("--max-metadata", type=int, default=int(env_default("max_metadata", 4)),
+                        help="most metadata servers the local provider starts (default 4)")
+    parser.add_argument("--migrate-on-drain", action="store_true",
+                        default=env_default("migrate_on_drain", "") not in ("", "0", "off",
+                                                                           "false", "no"),
+                        help="move a draining node's remaining objects to the tier's other "
+                             "active nodes so it can leave at once (default off: it leaves "
+                             "when its last object is deleted)")
 
 
 def autoscale_policy(args: argparse.Namespace) -> ScalingPolicy | None:
@@ -52,11 +65,11 @@ def autoscale_policy(args: argparse.Namespace) -> ScalingPolicy | None:
         return None
     texts = args.scale_band if args.scale_band is not None else \
         [t for t in os.environ.get("POCKET_SCALE_BAND", "").split(";") if t.strip()]
-    bands: dict[str, Band] = dict(parse_band(t) for t in texts)
-    min_nodes, max_nodes = {"dram": 1}, {}
+    bands: dict[str, Band] = {**DEFAULT_BANDS, **dict(parse_band(t) for t in texts)}
+    min_nodes, max_nodes = {"dram": 1, METADATA: 1}, {}
     for text in args.tier_nodes or ():
         tier, low, high = parse_tier_nodes(text)
-        if tier not in DEFAULT_PROFILES:
+        if tier not in DEFAULT_PROFILES and tier != METADATA:
             raise ValueError(f"unknown tier {tier!r} in --tier-nodes")
         min_nodes[tier] = low
         if high is not None:
@@ -64,7 +77,8 @@ def autoscale_policy(args: argparse.Namespace) -> ScalingPolicy | None:
     delay = parse_duration(args.scale_in_delay)
     return ScalingPolicy(bands=bands, min_nodes=min_nodes, max_nodes=max_nodes,
                          cooldown_out=parse_duration(args.scale_cooldown),
-                         cooldown_in=delay + 1.0, scale_in_delay=delay)
+                         cooldown_in=delay + 1.0, scale_in_delay=delay,
+                         jobs_per_metadata=args.metadata_jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                              "positive")
         provider = make_provider(args.provider, **(
             {"max_nodes": args.max_nodes, "data_dir": args.node_dir, "host": host if host not in
-             ("0.0.0.0", "::", "") else "127.0.0.1", "log_level": args.log_level}
+             ("0.0.0.0", "::", "") else "127.0.0.1", "log_level": args.log_level,
+             "max_metadata": args.max_metadata}
             if args.provider == "local" else
             {"statefulset": args.k8s_statefulset, "namespace": args.k8s_namespace,
              "max_nodes": args.max_nodes} if args.provider == "kubernetes" else {}))
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                   provision_timeout=parse_duration(args.provision_timeout),
                                   autoscale=autoscale_policy(args),
                                   autoscale_interval=parse_duration(args.autoscale_interval),
-                                  reclaim_after=parse_duration(args.reclaim_after))
+                                  reclaim_after=parse_duration(args.reclaim_after),
+                                  migrate_on_drain=args.migrate_on_drain)
         apply_common_arguments(server, args)
     except ValueError as exc:
         parser.error(str(exc))

@@ -25,7 +25,8 @@ capacity   capacity allocated to jobs ÷ capacity
   not within ``cooldown_out`` of the last scale-out (measured load lags one
   heartbeat behind a new node).
 * **Scale in** when every resource has been below its band for
-  ``scale_in_delay`` and nothing changed in the tier for ``cooldown_in``:
+  ``scale_in_delay`` and nothing changed in the tier for ``cooldown_in`` (or
+  at once, when a job of the tier left since the last change):
   drain the nodes the provider can remove that carry no job allocation,
   emptiest first, as long as the remaining nodes would stay at or below the
   *top* of every band under the *peak* demand of the last ``scale_in_delay``
@@ -33,7 +34,9 @@ capacity   capacity allocated to jobs ÷ capacity
   would still fit under the top) is what stops flapping on oscillating load.
 * **Remove** a draining node once it has reported zero bytes stored for
   ``drain_settle`` seconds (so a write placed just before the drain took
-  effect shows up first).  A node holding data is never removed.
+  effect shows up first), or, with ``--migrate-on-drain``, at its first
+  zero-bytes heartbeat after every metadata server confirmed that nothing of
+  theirs is on it or on its way there.  A node holding data is never removed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 RESOURCES = ("cpu", "net", "bytes", "throughput", "capacity")
+#: The pseudo-tier of metadata servers in policies, histories and decisions.
+METADATA = "metadata"
+#: What metadata servers are scaled on: their CPU share and active jobs per server.
+METADATA_RESOURCES = ("cpu", "jobs")
 
 
 @dataclass(frozen=True)
@@ -61,12 +68,20 @@ class Band:
         return (self.low + self.high) / 2
 
 
+#: Allocated throughput and capacity are reservations that rightsizing already sized to the
+#: jobs' hints (peak demand) and packed to 100%: a 60–80% band on them would buy every job
+#: 25–65% more nodes than it asked for, on top of its own peak.  So they scale out only when
+#: overcommitted (above 100%) and in below 60%; measured load (cpu, net, bytes) keeps 60–80%.
+DEFAULT_BANDS = {"throughput": Band(0.6, 1.0), "capacity": Band(0.6, 1.0)}
+
+
 @dataclass(frozen=True)
 class ScalingPolicy:
     """Bands, node limits and timing of autoscaling (seconds)."""
 
-    #: resource → band, or ``"tier:resource"`` → band for one tier.
-    bands: Mapping[str, Band] = field(default_factory=dict)
+    #: resource → band, or ``"tier:resource"`` → band for one tier (default:
+    #: :data:`DEFAULT_BANDS` over ``default_band``).
+    bands: Mapping[str, Band] = field(default_factory=lambda: dict(DEFAULT_BANDS))
     default_band: Band = Band()
     #: tier → fewest active nodes kept (a tier below it is scaled out).
     min_nodes: Mapping[str, int] = field(default_factory=dict)
@@ -76,6 +91,8 @@ class ScalingPolicy:
     cooldown_in: float = 3.0
     scale_in_delay: float = 2.0
     drain_settle: float = 1.0
+    #: Active jobs one metadata server is sized for (its ``jobs`` utilisation is 100% there).
+    jobs_per_metadata: int = 16
 
     def band(self, tier: str, resource: str) -> Band:
         return self.bands.get(f"{tier}:{resource}") or self.bands.get(resource) or \
@@ -86,17 +103,19 @@ class ScalingPolicy:
                 "default_band": [self.default_band.low, self.default_band.high],
                 "min_nodes": dict(self.min_nodes), "max_nodes": dict(self.max_nodes),
                 "cooldown_out": self.cooldown_out, "cooldown_in": self.cooldown_in,
-                "scale_in_delay": self.scale_in_delay, "drain_settle": self.drain_settle}
+                "scale_in_delay": self.scale_in_delay, "drain_settle": self.drain_settle,
+                "jobs_per_metadata": self.jobs_per_metadata}
 
 
 def parse_band(text: str) -> tuple[str, Band]:
     """``"bytes=50-70"`` or ``"dram:cpu=0.5-0.9"`` → (key, Band); percentages or fractions."""
     key, _, rng = text.partition("=")
     key = key.strip().lower()
-    resource = key.rpartition(":")[2]
-    if resource not in RESOURCES:
+    tier, _, resource = key.rpartition(":")
+    allowed = METADATA_RESOURCES if tier == METADATA else RESOURCES
+    if resource not in allowed:
         raise ValueError(f"unknown resource {resource!r} in band {text!r} "
-                         f"(one of {', '.join(RESOURCES)})")
+                         f"(one of {', '.join(allowed)}; metadata:cpu, metadata:jobs)")
     lo, sep, hi = rng.partition("-")
     if not sep:
         raise ValueError(f"a band is RESOURCE=LOW-HIGH, e.g. bytes=60-80, not {text!r}")
@@ -138,6 +157,27 @@ class NodeObservation:
     removable: bool = False
     #: Seconds it has reported zero bytes stored since its drain took effect (0 if not).
     empty_for: float = 0.0
+    #: ``--migrate-on-drain``: every metadata server confirmed that nothing of theirs is on
+    #: it (moved off, no put or read lease pending) and a later heartbeat reported zero bytes.
+    confirmed_empty: bool = False
+
+
+@dataclass(frozen=True)
+class MetadataObservation:
+    """One metadata server as the autoscaler sees it."""
+
+    id: str
+    cpu: float = 0.0
+    #: Active jobs assigned to it.
+    jobs: int = 0
+    #: Namespaces it holds that must not be lost (active jobs, jobs with objects left,
+    #: registrations in progress): a server holding one is never drained nor removed.
+    holds: int = 0
+    #: ``active`` or ``draining`` (no new jobs).
+    state: str = "active"
+    removable: bool = False
+    #: Seconds it has held nothing since its drain (0 if not draining or holding).
+    empty_for: float = 0.0
 
 
 @dataclass
@@ -147,6 +187,9 @@ class TierHistory:
     last_out: float = -math.inf
     last_in: float = -math.inf
     below_since: Optional[float] = None
+    #: When a job of the tier last left (deregistered): its allocation is gone for certain,
+    #: so the tier may scale in without waiting for ``scale_in_delay`` (see decide_scaling).
+    job_left: float = -math.inf
     #: ``(time, demand per resource)`` of the last ``scale_in_delay`` seconds: scale-in
     #: projects their peak, not the last sample, so swinging load cannot cause a flap.
     recent: list = field(default_factory=list)
@@ -173,6 +216,7 @@ class ClusterObservation:
     #: tier → how many more nodes the provider could start now.
     can_add: Mapping[str, int] = field(default_factory=dict)
     history: Mapping[str, TierHistory] = field(default_factory=dict)
+    metadata: tuple[MetadataObservation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,7 +259,8 @@ def _percent(util: Mapping[str, float], keys) -> str:
 
 
 def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[Decision]:
-    """What to do now, per tier: add nodes, drain or take back nodes, remove drained nodes.
+    """What to do now, per tier: add nodes, drain or take back nodes, remove drained nodes;
+    and the same for metadata servers (:func:`decide_metadata_scaling`, tier ``metadata``).
 
     Tiers are those with nodes, starting nodes or a ``min_nodes`` entry.  The
     caller records applied ``add``/``undrain`` decisions in
@@ -223,8 +268,8 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
     ``below_since`` (see :func:`update_history`).
     """
     decisions: list[Decision] = []
-    tiers = sorted({n.tier for n in observed.nodes} | set(observed.starting) |
-                   {t for t, m in policy.min_nodes.items() if m > 0})
+    tiers = sorted(({n.tier for n in observed.nodes} | set(observed.starting) |
+                    {t for t, m in policy.min_nodes.items() if m > 0}) - {METADATA})
     now = observed.now
     for tier in tiers:
         nodes = [n for n in observed.nodes if n.tier == tier]
@@ -237,7 +282,10 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
 
         # Drained nodes that hold nothing leave, whatever else happens.
         for n in draining:
-            if n.used == 0 and n.empty_for >= policy.drain_settle:
+            if n.used == 0 and n.confirmed_empty:
+                decisions.append(Decision("remove", tier, "drained, objects moved", util,
+                                          node=n.id))
+            elif n.used == 0 and n.empty_for >= policy.drain_settle:
                 decisions.append(Decision("remove", tier, "drained and empty", util, node=n.id))
 
         n_active = len(active)
@@ -268,16 +316,22 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
                 decisions.append(Decision("add", tier, reason, util, count=min(want, room)))
             continue
 
-        # Scale in: everything below its band, long enough, and nothing changed lately.
-        if not active or any(util[r] >= bands[r].low for r in RESOURCES):
+        # Scale in: everything below its band, long enough, and nothing changed lately --
+        # or at once when a job left since the last change (its allocation is gone for
+        # certain; allocated resources then count as they are now, measured ones at their
+        # recent peak, so the hysteresis below still holds).
+        if not active or any(util[r] >= bands[r].low for r in RESOURCES) or starting:
             continue
-        if hist.below_since is None or now - hist.below_since < policy.scale_in_delay:
-            continue
-        if now - max(hist.last_out, hist.last_in) < policy.cooldown_in or starting:
-            continue
+        left = hist.job_left > max(hist.last_out, hist.last_in)
+        if not left:
+            if hist.below_since is None or now - hist.below_since < policy.scale_in_delay:
+                continue
+            if now - max(hist.last_out, hist.last_in) < policy.cooldown_in:
+                continue
         load, _ = tier_load(active)
         peak = hist.peak(now - policy.scale_in_delay)
-        load = {r: max(v, peak.get(r, 0.0)) for r, v in load.items()}
+        measured = ("cpu", "net", "bytes") if left else RESOURCES
+        load = {r: max(v, peak.get(r, 0.0)) if r in measured else v for r, v in load.items()}
         remaining = list(active)
         candidates = sorted((n for n in active if n.removable and n.allocated_capacity == 0
                              and n.allocated_throughput == 0),
@@ -293,6 +347,84 @@ def decide_scaling(observed: ClusterObservation, policy: ScalingPolicy) -> list[
             remaining = rest
             decisions.append(Decision("drain", tier,
                                       f"below band: {_percent(util, RESOURCES)}", util, node=n.id))
+    if observed.metadata or observed.starting.get(METADATA) or policy.min_nodes.get(METADATA):
+        decisions += decide_metadata_scaling(observed, policy)
+    return decisions
+
+
+def metadata_load(servers: list[MetadataObservation], policy: ScalingPolicy
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """(demand, supply) per metadata resource over ``servers``."""
+    n = float(len(servers))
+    return ({"cpu": sum(m.cpu for m in servers), "jobs": float(sum(m.jobs for m in servers))},
+            {"cpu": n, "jobs": n * policy.jobs_per_metadata})
+
+
+def metadata_utilisation(servers: list[MetadataObservation], policy: ScalingPolicy
+                         ) -> dict[str, float]:
+    load, supply = metadata_load(servers, policy)
+    return {r: (load[r] / supply[r] if supply[r] > 0 else 0.0) for r in METADATA_RESOURCES}
+
+
+def decide_metadata_scaling(observed: ClusterObservation, policy: ScalingPolicy
+                            ) -> list[Decision]:
+    """Metadata servers, like a tier: add above the band of ``cpu`` or ``jobs`` (active
+    jobs ÷ servers × ``jobs_per_metadata``), drain an idle one the provider started that
+    holds no namespace below the band, remove a drained one that has held nothing for
+    ``drain_settle``.  Same cool-downs, delay and hysteresis as storage tiers; new jobs go
+    to the least-loaded active server (the controller), so no steering is needed."""
+    tier, now = METADATA, observed.now
+    servers = list(observed.metadata)
+    active = [m for m in servers if m.state == "active"]
+    draining = [m for m in servers if m.state == "draining"]
+    hist = observed.history.get(tier) or TierHistory()
+    starting = observed.starting.get(tier, 0)
+    util = metadata_utilisation(active, policy)
+    bands = {r: policy.band(tier, r) for r in METADATA_RESOURCES}
+    decisions = [Decision("remove", tier, "drained and idle", util, node=m.id)
+                 for m in draining if m.holds == 0 and m.empty_for >= policy.drain_settle]
+    limit = policy.max_nodes.get(tier)
+    room = (limit - len(active) - starting - len(draining)) if limit is not None else 1 << 30
+    room = max(0, min(room, observed.can_add.get(tier, 0)))
+    minimum = policy.min_nodes.get(tier, 0)
+    above = [r for r in METADATA_RESOURCES if util[r] > bands[r].high] if active else []
+    want = 0
+    if len(active) + starting < minimum:
+        want = minimum - len(active) - starting
+        reason = f"{len(active)} active metadata servers, below the minimum of {minimum}"
+    elif above and starting == 0 and now - hist.last_out >= policy.cooldown_out:
+        load, supply = metadata_load(active, policy)
+        want = max([1] + [math.ceil(load[r] / (bands[r].middle * supply[r] / len(active)))
+                          - len(active) for r in above])
+        reason = f"above band: {_percent(util, above)}"
+    if want > 0:
+        back = sorted(draining, key=lambda m: m.id)[:want]
+        decisions += [Decision("undrain", tier, reason, util, node=m.id) for m in back]
+        if want > len(back) and room > 0:
+            decisions.append(Decision("add", tier, reason, util,
+                                      count=min(want - len(back), room)))
+        return decisions
+    if not active or any(util[r] >= bands[r].low for r in METADATA_RESOURCES):
+        return decisions
+    if hist.below_since is None or now - hist.below_since < policy.scale_in_delay:
+        return decisions
+    if now - max(hist.last_out, hist.last_in) < policy.cooldown_in or starting:
+        return decisions
+    load, _ = metadata_load(active, policy)
+    peak = hist.peak(now - policy.scale_in_delay)
+    load = {r: max(v, peak.get(r, 0.0)) for r, v in load.items()}
+    remaining = list(active)
+    for m in sorted((m for m in active if m.removable and m.holds == 0 and m.jobs == 0),
+                    key=lambda m: (m.cpu, m.id)):
+        if len(remaining) - 1 < max(minimum, 1):
+            break
+        rest = [x for x in remaining if x is not m]
+        _, supply = metadata_load(rest, policy)
+        if any(load[r] / supply[r] > bands[r].high for r in METADATA_RESOURCES):
+            break
+        remaining = rest
+        decisions.append(Decision("drain", tier, f"below band: {_percent(util, METADATA_RESOURCES)}",
+                                  util, node=m.id))
     return decisions
 
 
@@ -300,7 +432,7 @@ def update_history(history: dict[str, TierHistory], observed: ClusterObservation
                    policy: ScalingPolicy, decisions: list[Decision]) -> None:
     """Record ``decisions`` (applied at ``observed.now``) and whether each tier is below band."""
     now = observed.now
-    for tier in {n.tier for n in observed.nodes} | {d.tier for d in decisions}:
+    for tier in ({n.tier for n in observed.nodes} | {d.tier for d in decisions}) - {METADATA}:
         hist = history.setdefault(tier, TierHistory())
         active = [n for n in observed.nodes if n.tier == tier and n.state == "active"]
         load, supply = tier_load(active)
@@ -312,14 +444,31 @@ def update_history(history: dict[str, TierHistory], observed: ClusterObservation
             hist.below_since = now
         hist.recent = [(t, x) for t, x in hist.recent if t >= now - policy.scale_in_delay]
         hist.recent.append((now, load))
-        for d in decisions:
-            if d.tier != tier:
-                continue
-            if d.action in ("add", "undrain"):
-                hist.last_out = now
-                hist.below_since = None
-            elif d.action == "drain":
-                hist.last_in = now
+        _record(hist, tier, now, decisions)
+    if observed.metadata or any(d.tier == METADATA for d in decisions):
+        hist = history.setdefault(METADATA, TierHistory())
+        active = [m for m in observed.metadata if m.state == "active"]
+        load, supply = metadata_load(active, policy)
+        below = bool(active) and all(load[r] < policy.band(METADATA, r).low * supply[r]
+                                     for r in METADATA_RESOURCES)
+        if not below:
+            hist.below_since = None
+        elif hist.below_since is None:
+            hist.below_since = now
+        hist.recent = [(t, x) for t, x in hist.recent if t >= now - policy.scale_in_delay]
+        hist.recent.append((now, load))
+        _record(hist, METADATA, now, decisions)
+
+
+def _record(hist: TierHistory, tier: str, now: float, decisions: list[Decision]) -> None:
+    for d in decisions:
+        if d.tier != tier:
+            continue
+        if d.action in ("add", "undrain"):
+            hist.last_out = now
+            hist.below_since = None
+        elif d.action == "drain":
+            hist.last_in = now
 
 
 # -- data steering ----------------------------------------------------------------

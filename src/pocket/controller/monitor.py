@@ -17,6 +17,11 @@ what to do and does it:
   the metadata servers) is stopped by the provider; it leaves the controller
   on its way out.  A node holding a live object is never removed.
 * **undrain** — load came back: a draining node is active again.
+* **migrate** (``--migrate-on-drain``) — every tick while a node drains, each
+  metadata server is asked (EXTENTS_MOVE) to move its objects' extents off it
+  to the tier's active nodes (weighted by headroom); once all of them answer
+  that nothing of theirs is left there (no object, pending put, allocation in
+  flight or read lease), the node is removed at its next zero-bytes heartbeat.
 
 Each action is an event (``pocket status --json`` → ``autoscale.events``)
 with its reason and the tier's utilisation.
@@ -32,14 +37,18 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from ..protocol import Op
-from .autoscale import (ClusterObservation, Decision, NodeObservation, ScalingPolicy, TierHistory,
-                        decide_scaling, drain_weights, node_headroom, steer_weights,
-                        update_history)
+from .autoscale import (METADATA, ClusterObservation, Decision, MetadataObservation,
+                        NodeObservation, ScalingPolicy, TierHistory, decide_scaling,
+                        drain_weights, node_headroom, steer_weights, update_history)
 
 if TYPE_CHECKING:
     from .server import ControllerServer, NodeRecord
 
 log = logging.getLogger("pocket.autoscale")
+
+#: A server's CPU share counts only this long (s) after it registered: before, its
+#: heartbeats still include the process's start-up (imports: ~100% of a core).
+YOUNG = 2.5
 
 #: ``reserved_for`` of a draining node in the allocation ledger: no job packs into it.
 DRAINING = "(draining)"
@@ -50,7 +59,7 @@ class AutoscaleMonitor:
 
     def __init__(self, controller: "ControllerServer", policy: ScalingPolicy,
                  interval: float = 1.0, max_events: int = 500,
-                 startup_grace: Optional[float] = None) -> None:
+                 startup_grace: Optional[float] = None, migrate: bool = False) -> None:
         if interval <= 0:
             raise ValueError("the autoscale interval must be positive")
         self.controller = controller
@@ -65,6 +74,12 @@ class AutoscaleMonitor:
         #: node → receive time of its first zero-bytes heartbeat after ``drained_at``.
         self.empty_since: dict[str, float] = {}
         self.ticks = 0
+        #: ``--migrate-on-drain``: move a draining node's objects so it can leave at once.
+        self.migrate = migrate
+        #: node → the move in progress; node → monotonic time every metadata server
+        #: confirmed that nothing of theirs is left on it.
+        self.migrating: dict[str, asyncio.Task] = {}
+        self.migrated: dict[str, float] = {}
         #: Nodes that exist register within this long of our start (or of a controller
         #: restart): the minimum is not filled before, so they are not doubled.
         self.startup_grace = (startup_grace if startup_grace is not None
@@ -72,6 +87,8 @@ class AutoscaleMonitor:
         self.started = time.monotonic()
         self._task: Optional[asyncio.Task] = None
         self._actions: set[asyncio.Task] = set()
+        self._tick_lock = asyncio.Lock()
+        self._poked: Optional[asyncio.Task] = None
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -79,7 +96,7 @@ class AutoscaleMonitor:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        for task in [self._task, *self._actions]:
+        for task in [self._task, self._poked, *self._actions]:
             if task is not None:
                 task.cancel()
 
@@ -108,9 +125,15 @@ class AutoscaleMonitor:
             if load.reserved_for not in (None, DRAINING):
                 continue  # a job's registration is packing it right now
             hist = self.history.setdefault(n.tier, TierHistory())
-            # a node that registered lately (ours or a job's) counts as a recent scale-out
-            hist.last_out = max(hist.last_out, now - (wall - n.registered))
+            # a node the provider started lately (ours or for a job's registration) counts as
+            # a recent scale-out; nodes started by hand (the cluster's floor) do not
+            owned = c.provider.owns(n.address)
+            if owned:
+                hist.last_out = max(hist.last_out, now - (wall - n.registered))
             empty_for = 0.0
+            confirmed = self.migrated.get(n.id)
+            confirmed_empty = (n.state == "draining" and confirmed is not None and
+                               n.used == 0 and n.last_seen > confirmed)
             if n.state == "draining":
                 since = self.drained_at.get(n.id)
                 if since is not None and n.used == 0 and n.last_seen > since:
@@ -118,21 +141,82 @@ class AutoscaleMonitor:
                     empty_for = n.last_seen - first
                 else:
                     self.empty_since.pop(n.id, None)
+            young = wall - n.registered < YOUNG  # its CPU still includes its start-up
             nodes.append(NodeObservation(
-                n.id, n.tier, n.capacity, load.throughput, used=n.used, cpu=n.cpu,
+                n.id, n.tier, n.capacity, load.throughput, used=n.used,
+                cpu=0.0 if young else n.cpu,
                 net=n.net_in + n.net_out, allocated_throughput=load.allocated_throughput,
                 allocated_capacity=load.allocated_capacity, state=n.state,
-                removable=c.provider.owns(n.address), empty_for=empty_for))
-        tiers = {o.tier for o in nodes} | set(self.starting) | set(self.policy.min_nodes)
-        return ClusterObservation(now, tuple(nodes), dict(self.starting),
-                                  {t: c.provider.available(t) for t in tiers}, self.history)
+                removable=owned, empty_for=empty_for,
+                confirmed_empty=confirmed_empty))
+        tiers = ({o.tier for o in nodes} | set(self.starting) | set(self.policy.min_nodes)) - \
+            {METADATA}
+        can_add = {t: c.provider.available(t) for t in tiers}
+        can_add[METADATA] = c.provider.available_metadata()
+        return ClusterObservation(now, tuple(nodes), dict(self.starting), can_add, self.history,
+                                  metadata=tuple(self.observe_metadata()))
+
+    def observe_metadata(self) -> list[MetadataObservation]:
+        """Metadata servers: CPU, active jobs, namespaces held (controller records, the
+        server's own heartbeat, registrations in progress)."""
+        c = self.controller
+        out = []
+        wall = time.time()
+        for m in c.nodes.values():
+            if m.role != "metadata" or m.state not in ("active", "draining"):
+                continue
+            jobs = sum(1 for j in c.jobs.values() if j.metadata == m.id and j.state == "active")
+            reported = m.info.get("jobs") or {}
+            held = sum(1 for info in reported.values() if isinstance(info, dict) and
+                       (info.get("active") or info.get("objects")))
+            holds = max(jobs, held) + c._md_registering.get(m.id, 0)
+            empty_for = 0.0
+            since = self.drained_at.get(m.id)
+            if m.state == "draining" and since is not None and holds == 0 and \
+                    m.last_seen > since:
+                empty_for = m.last_seen - self.empty_since.setdefault(m.id, m.last_seen)
+            else:
+                self.empty_since.pop(m.id, None)
+            # Its first heartbeats include the process's start-up (imports): not load.
+            young = wall - m.registered < YOUNG
+            out.append(MetadataObservation(m.id, 0.0 if young else m.cpu, jobs, holds, m.state,
+                                           c.provider.owns(m.address), empty_for))
+        return out
+
+    def job_left(self, tier: str) -> None:
+        """A job of ``tier`` deregistered (or lapsed): the tier may scale in at once."""
+        self.history.setdefault(tier, TierHistory()).job_left = time.monotonic()
+
+    def poke(self) -> None:
+        """Decide now rather than at the next tick (a heartbeat crossed a band's top)."""
+        if self._poked is None or self._poked.done():
+            self._poked = asyncio.get_running_loop().create_task(self._poke())
+
+    async def _poke(self) -> None:
+        try:
+            await self.tick()
+        except Exception:
+            log.exception("autoscale tick failed")
+
+    def above_band(self, node: "NodeRecord") -> bool:
+        """Whether one storage heartbeat puts its node above a measured band's top."""
+        p = self.policy
+        rate = node.throughput or 1.0
+        return (node.cpu > p.band(node.tier, "cpu").high or
+                (node.net_in + node.net_out) / rate > p.band(node.tier, "net").high or
+                (node.capacity > 0 and node.used / node.capacity > p.band(node.tier,
+                                                                           "bytes").high))
 
     async def tick(self) -> list[Decision]:
         """One round: observe, decide, apply.  Returns the decisions."""
+        async with self._tick_lock:
+            return await self._tick()
+
+    async def _tick(self) -> list[Decision]:
         self.ticks += 1
         now = time.monotonic()
         known = set(self.controller.nodes)
-        for table in (self.drained_at, self.empty_since):
+        for table in (self.drained_at, self.empty_since, self.migrated):
             for node_id in [k for k in table if k not in known]:
                 del table[node_id]
         observed = self.observe(now)
@@ -143,7 +227,9 @@ class AutoscaleMonitor:
         update_history(self.history, observed, self.policy, decisions)
         drains = []
         for d in decisions:
-            if d.action == "add":
+            if d.tier == METADATA:
+                await self._apply_metadata(d)
+            elif d.action == "add":
                 self._spawn(self._add(d))
             elif d.action == "drain":
                 drains.append(d)
@@ -153,6 +239,10 @@ class AutoscaleMonitor:
                 self._spawn(self._remove(d))
         if drains:
             await self._drain(drains)
+        if self.migrate:
+            for node_id in self.drained_at:
+                if node_id not in self.migrated and node_id not in self.migrating:
+                    self._start_migration(node_id)
         return decisions
 
     def _spawn(self, coro) -> None:
@@ -170,6 +260,56 @@ class AutoscaleMonitor:
                  extra.get("node", extra.get("count", "")), decision.reason)
 
     # -- apply -------------------------------------------------------------------
+    async def _apply_metadata(self, d: Decision) -> None:
+        """Metadata servers: add (provider), drain (no new jobs), undrain, remove (provider)."""
+        c = self.controller
+        if d.action == "add":
+            self._spawn(self._add_metadata(d))
+            return
+        node = c.nodes.get(d.node) if d.node else None
+        if node is None:
+            return
+        if d.action == "drain" and node.state == "active":
+            node.state = "draining"  # the controller assigns it no new job from now on
+            self.drained_at[node.id] = time.monotonic()
+            self.event("draining", d, node=node.id)
+        elif d.action == "undrain" and node.state == "draining":
+            node.state = "active"
+            self.drained_at.pop(node.id, None)
+            self.empty_since.pop(node.id, None)
+            self.event("undrained", d, node=node.id)
+        elif d.action == "remove" and node.state == "draining":
+            node.state = "removing"
+            self.event("removed", d, node=node.id, address=node.address)
+            self._spawn(self._remove_metadata(node))
+
+    async def _remove_metadata(self, node: "NodeRecord") -> None:
+        try:
+            await self.controller.provider.remove(node.address)
+        except Exception as exc:
+            log.warning("autoscale: could not remove metadata server %s: %s", node.id, exc)
+            node.state = "draining"
+
+    async def _add_metadata(self, d: Decision) -> None:
+        c = self.controller
+        self.starting[METADATA] = self.starting.get(METADATA, 0) + d.count
+        self.event("scale_out", d, count=d.count)
+        try:
+            addresses = await asyncio.wait_for(c.provider.start_metadata(d.count, c.address),
+                                               c.provision_timeout)
+            new = await self._registered(addresses, time.monotonic() + c.provision_timeout,
+                                         role="metadata")
+        except Exception as exc:
+            log.warning("autoscale: could not add %d metadata servers: %s", d.count, exc)
+            self.event("add_failed", d, count=d.count, error=str(exc))
+            return
+        finally:
+            self.starting[METADATA] -= d.count
+            if not self.starting[METADATA]:
+                del self.starting[METADATA]
+        for node in new:
+            self.event("added", d, node=node.id, address=node.address)
+
     async def _add(self, d: Decision) -> None:
         c = self.controller
         self.starting[d.tier] = self.starting.get(d.tier, 0) + d.count
@@ -191,11 +331,12 @@ class AutoscaleMonitor:
             self.event("added", d, node=node.id, address=node.address)
         await self.steer(d.tier, {n.id: 1.0 for n in new})
 
-    async def _registered(self, addresses: list[str], deadline: float) -> list["NodeRecord"]:
+    async def _registered(self, addresses: list[str], deadline: float,
+                          role: str = "storage") -> list["NodeRecord"]:
         c = self.controller
         while True:
             found = {n.address: n for n in c.nodes.values()
-                     if n.role == "storage" and n.address in addresses}
+                     if n.role == role and n.address in addresses}
             if len(found) == len(addresses):
                 return [found[a] for a in addresses]
             remaining = deadline - time.monotonic()
@@ -264,6 +405,57 @@ class AutoscaleMonitor:
         for node_id in gone:
             if c.nodes.get(node_id) is not None and c.nodes[node_id].state == "draining":
                 self.drained_at[node_id] = now
+                if self.migrate and node_id not in self.migrating:
+                    self._start_migration(node_id)
+
+    def _start_migration(self, node_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._migrate(node_id))
+        self.migrating[node_id] = task
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+        task.add_done_callback(lambda _t: self.migrating.pop(node_id, None))
+
+    async def _migrate(self, node_id: str) -> None:
+        """Ask every metadata server to move its extents off draining ``node_id``; record
+        when all of them report that nothing of theirs is left there."""
+        c = self.controller
+        node = c.nodes.get(node_id)
+        if node is None or node.state != "draining" or c.key is None:
+            return
+        targets = {n: w for n, w in self._headroom(node.tier).items() if n != node_id}
+        if not targets:
+            return
+        began = time.monotonic()
+        header = {"node": node_id, "targets": targets,
+                  "nodes": {n: c.nodes[n].address for n in targets},
+                  "auth": c.key.sign(Op.EXTENTS_MOVE, node_id)}
+        mds = [m.id for m in c.nodes.values() if m.role == "metadata"]
+        results = await asyncio.gather(
+            *(c._md_request(m, Op.EXTENTS_MOVE, header, timeout=120.0) for m in mds),
+            return_exceptions=True)
+        moved = nbytes = 0
+        clear = True
+        for md, result in zip(mds, results):
+            if isinstance(result, BaseException):
+                log.warning("autoscale: metadata server %s could not move extents off %s: %s",
+                            md, node_id, result)
+                clear = False
+                continue
+            h = result.header
+            moved += h.get("moved", 0)
+            nbytes += h.get("bytes", 0)
+            if h.get("busy") or h.get("failed") or any(
+                    h.get(k) for k in ("left", "pending", "allocating", "held")):
+                clear = False
+        node = c.nodes.get(node_id)
+        if node is None or node.state != "draining":
+            return
+        if moved:
+            self.event("migrated", Decision("migrate", node.tier, "migrate on drain", {}),
+                       node=node_id, objects=moved, bytes=nbytes,
+                       seconds=round(time.monotonic() - began, 3))
+        if clear:
+            self.migrated[node_id] = time.monotonic()
 
     async def _undrain(self, d: Decision) -> None:
         c = self.controller
@@ -274,6 +466,7 @@ class AutoscaleMonitor:
         c.ledger.set_reserved(node.id, None)
         self.drained_at.pop(node.id, None)
         self.empty_since.pop(node.id, None)
+        self.migrated.pop(node.id, None)
         self.event("undrained", d, node=node.id)
         await self.steer(d.tier, {node.id: self._headroom(d.tier).get(node.id, 1.0)})
 
@@ -293,5 +486,6 @@ class AutoscaleMonitor:
     def describe(self) -> dict:
         """Policy, what is starting, and the event log, for ``pocket status``."""
         return {"enabled": True, "interval": self.interval, "policy": self.policy.describe(),
+                "migrate_on_drain": self.migrate,
                 "starting": dict(self.starting), "ticks": self.ticks,
                 "events": list(self.events)}

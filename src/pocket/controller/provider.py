@@ -5,6 +5,9 @@ A provider is small on purpose: how many more nodes of a tier it could start
 returning the addresses the new servers will register from), and stop what
 it started (:meth:`NodeProvider.stop`, on controller shutdown), and remove
 one of them (:meth:`NodeProvider.remove`, when autoscaling has drained it).
+Metadata servers the same way (:meth:`NodeProvider.available_metadata`,
+:meth:`NodeProvider.start_metadata`; removed by :meth:`NodeProvider.remove`
+too); only the local provider starts them.
 The controller waits for the new nodes to register and then packs them.
 
 * :class:`NoProvider` (``--provider none``, the default): nodes are started
@@ -50,6 +53,13 @@ class NodeProvider(Protocol):
         :class:`Unavailable` if any could not be started.
         """
 
+    def available_metadata(self) -> int:
+        """How many more metadata servers this provider could start now."""
+
+    async def start_metadata(self, count: int, controller: str) -> list[str]:
+        """Start ``count`` metadata servers registering with ``controller``; their addresses.
+        Raises :class:`Unavailable` where the provider cannot."""
+
     async def stop(self) -> None:
         """Stop every node this provider started."""
 
@@ -75,6 +85,12 @@ class NoProvider:
                     controller: str) -> list[str]:
         raise Unavailable("no node provider is configured (--provider none)")
 
+    def available_metadata(self) -> int:
+        return 0
+
+    async def start_metadata(self, count: int, controller: str) -> list[str]:
+        raise Unavailable("no node provider is configured (--provider none)")
+
     async def stop(self) -> None:
         return None
 
@@ -90,7 +106,8 @@ class NoProvider:
 
 @dataclass(eq=False)
 class LocalNode:
-    """A storage server process started by :class:`LocalProvider`."""
+    """A storage server process started by :class:`LocalProvider` (``tier`` ``metadata``:
+    a metadata server)."""
 
     tier: str
     process: asyncio.subprocess.Process
@@ -103,7 +120,8 @@ class LocalNode:
 
 
 class LocalProvider:
-    """Storage servers as local processes (``python -m pocket.storage``), at most ``max_nodes``.
+    """Storage servers as local processes (``python -m pocket.storage``), at most ``max_nodes``;
+    metadata servers (``python -m pocket.metadata``), at most ``max_metadata`` more.
 
     Flash tiers need ``data_dir`` (a directory that supports O_DIRECT); without
     it only DRAM nodes are offered.  Children die with the controller
@@ -114,10 +132,13 @@ class LocalProvider:
 
     def __init__(self, *, max_nodes: int = 8, data_dir: Optional[str] = None,
                  host: str = "127.0.0.1", log_level: str = "INFO",
-                 start_timeout: float = 30.0, extra_args: tuple[str, ...] = ()) -> None:
-        if max_nodes < 0:
-            raise ValueError("max_nodes must not be negative")
+                 start_timeout: float = 30.0, extra_args: tuple[str, ...] = (),
+                 max_metadata: int = 4) -> None:
+        if max_nodes < 0 or max_metadata < 0:
+            raise ValueError("max_nodes and max_metadata must not be negative")
         self.max_nodes = max_nodes
+        self.max_metadata = max_metadata
+        self._starting_metadata = 0
         self.data_dir = data_dir
         self.host = host
         self.log_level = log_level
@@ -127,7 +148,31 @@ class LocalProvider:
         self._starting = 0
 
     def running(self) -> int:
-        return sum(1 for n in self.nodes if n.running)
+        """Storage servers running."""
+        return sum(1 for n in self.nodes if n.running and n.tier != "metadata")
+
+    def running_metadata(self) -> int:
+        return sum(1 for n in self.nodes if n.running and n.tier == "metadata")
+
+    def available_metadata(self) -> int:
+        return max(0, self.max_metadata - self.running_metadata() - self._starting_metadata)
+
+    async def start_metadata(self, count: int, controller: str) -> list[str]:
+        if count <= 0:
+            return []
+        if count > self.available_metadata():
+            raise Unavailable(f"the local provider may start {self.available_metadata()} more "
+                              f"metadata servers, not {count} (--max-metadata "
+                              f"{self.max_metadata})")
+        cmd = [sys.executable, "-m", "pocket.metadata", "--listen", f"{self.host}:0",
+               "--controller", controller, "--log-level", self.log_level]
+        self._starting_metadata += count
+        try:
+            results = await asyncio.gather(*(self._start_one("metadata", cmd)
+                                              for _ in range(count)), return_exceptions=True)
+        finally:
+            self._starting_metadata -= count
+        return await self._started("metadata", results)
 
     def available(self, tier: str) -> int:
         if tier in FLASH_TIERS and not self.data_dir:
@@ -150,23 +195,28 @@ class LocalProvider:
             raise Unavailable(f"the local provider may start {self.available(tier)} more "
                               f"{tier} nodes, not {count} (--max-nodes {self.max_nodes})")
         self._starting += count
+        cmd = self.command(tier, profile, controller)
         try:
-            results = await asyncio.gather(
-                *(self._start_one(tier, profile, controller) for _ in range(count)),
-                return_exceptions=True)
+            results = await asyncio.gather(*(self._start_one(tier, cmd) for _ in range(count)),
+                                           return_exceptions=True)
         finally:
             self._starting -= count
+        return await self._started(tier, results)
+
+    async def _started(self, tier: str, results: list) -> list[str]:
+        """The new servers' addresses; if any failed, stop the others and raise why."""
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for r in results:
                 if isinstance(r, LocalNode):
+                    self.nodes.remove(r)
                     await self._stop_node(r, grace=2.0)
             raise Unavailable(f"the local provider could not start {tier} nodes: {errors[0]}")
         return [r.address for r in results]  # type: ignore[union-attr]
 
-    async def _start_one(self, tier: str, profile: NodeProfile, controller: str) -> LocalNode:
+    async def _start_one(self, tier: str, cmd: list[str]) -> LocalNode:
         proc = await asyncio.create_subprocess_exec(
-            *self.command(tier, profile, controller), stdin=asyncio.subprocess.DEVNULL,
+            *cmd, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=None, env=server_environment(),
             preexec_fn=die_with_parent)
         node = LocalNode(tier, proc)
@@ -186,8 +236,7 @@ class LocalProvider:
                               f"listening: {text or 'no output'}")
         node.address = address
         node.drain = asyncio.get_running_loop().create_task(self._drain(proc))
-        log.info("local provider started %s storage server %s (pid %d)", tier, node.address,
-                 proc.pid)
+        log.info("local provider started %s server %s (pid %d)", tier, node.address, proc.pid)
         return node
 
     @staticmethod
@@ -234,7 +283,8 @@ class LocalProvider:
 
     def describe(self) -> dict:
         return {"name": self.name, "max_nodes": self.max_nodes, "running": self.running(),
-                "data_dir": self.data_dir}
+                "data_dir": self.data_dir, "max_metadata": self.max_metadata,
+                "running_metadata": self.running_metadata()}
 
 
 def make_provider(name: str, **kwargs) -> NodeProvider:
@@ -315,6 +365,13 @@ class KubernetesProvider:
 
     def available(self, tier: str) -> int:
         return max(0, self.max_nodes - self.replicas) if tier == self.tier else 0
+
+    def available_metadata(self) -> int:
+        return 0  # metadata servers are a Deployment scaled by hand (deploy/k8s/controller.yaml)
+
+    async def start_metadata(self, count: int, controller: str) -> list[str]:
+        raise Unavailable("the kubernetes provider does not start metadata servers; scale "
+                          "the metadata Deployment by hand (deploy/k8s/controller.yaml)")
 
     async def start(self, tier: str, count: int, profile: NodeProfile,
                     controller: str) -> list[str]:

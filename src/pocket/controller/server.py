@@ -99,7 +99,8 @@ class ControllerServer(Server):
                  provision_timeout: float = 30.0,
                  autoscale: Optional[ScalingPolicy] = None,
                  autoscale_interval: float = 1.0,
-                 reclaim_after: float = DEFAULT_RECLAIM_AFTER) -> None:
+                 reclaim_after: float = DEFAULT_RECLAIM_AFTER,
+                 migrate_on_drain: bool = False) -> None:
         super().__init__(host, port, Limits(max_header=1 << 20, max_payload=0))
         self.node_timeout = node_timeout
         self.profiles: dict[str, NodeProfile] = {**DEFAULT_PROFILES, **(profiles or {})}
@@ -111,6 +112,8 @@ class ControllerServer(Server):
         self.ledger = AllocationLedger()
         #: Addresses of nodes a provider is starting for a job → that job.
         self._pending: dict[str, str] = {}
+        #: Metadata server → job registrations in progress that chose it (it must not leave).
+        self._md_registering: dict[str, int] = {}
         self._joined = asyncio.Event()
         self._spill_refresh: Optional[asyncio.Task] = None
         self._md_conns = AsyncConnectionCache(connect_timeout=5.0)
@@ -121,7 +124,8 @@ class ControllerServer(Server):
         self._monitor: Optional[asyncio.Task] = None
         #: Autoscaling (``--autoscale``): None when off.
         self.autoscaler: Optional[AutoscaleMonitor] = (
-            AutoscaleMonitor(self, autoscale, autoscale_interval) if autoscale is not None
+            AutoscaleMonitor(self, autoscale, autoscale_interval, migrate=migrate_on_drain)
+            if autoscale is not None
             else None)
         self.handlers.update({
             Op.NODE_REGISTER: self.handle_node_register,
@@ -172,6 +176,9 @@ class ControllerServer(Server):
             self.ledger.add_node(NodeLoad(node_id, tier, capacity, int(throughput), price,
                                           reserved_for=self._pending.get(address)))
             self._nodes_changed()
+        else:  # wake the autoscaler waiting for a metadata server it started
+            self._joined.set()
+            self._joined = asyncio.Event()
         log.info("%s server %s registered at %s (%s, %d bytes)", role, node_id, address, tier,
                  capacity)
         return {"node": node_id, **key_fields}
@@ -214,6 +221,9 @@ class ControllerServer(Server):
             if key in h:
                 node.info[key] = h[key]
         self.ledger.set_capacity(node.id, node.capacity)
+        if (self.autoscaler is not None and node.role == "storage" and node.state == "active"
+                and time.time() - node.registered > 2.5 and self.autoscaler.above_band(node)):
+            self.autoscaler.poke()  # react to a crossing now, not at the next tick
         if node.role == "metadata":
             owner = node.info.get("owner")
             if isinstance(owner, str):
@@ -266,6 +276,8 @@ class ControllerServer(Server):
             if (job is not None and job.state == "active" and job.metadata == md_id and
                     isinstance(info, dict) and info.get("active") is False):
                 self.ledger.release(job.id)
+                if self.autoscaler is not None:
+                    self.autoscaler.job_left(job.tier)
                 job.usage.ended = time.monotonic()
                 job.state = "expired"
                 job.deregistered = time.time()
@@ -342,14 +354,15 @@ class ControllerServer(Server):
                 return
             self._spill_refresh = loop.create_task(self._refresh_spill())
 
-    async def _md_request(self, node_id: str, opcode: int, header: dict) -> Frame:
+    async def _md_request(self, node_id: str, opcode: int, header: dict,
+                          timeout: float = 10.0) -> Frame:
         node = self.nodes.get(node_id)
         if node is None:
             raise Unavailable(f"metadata server {node_id} is gone")
         conn = await self._md_conns.get(node.address)
         if self.key is not None and opcode in (Op.JOB_ADD, Op.JOB_UPDATE):
             header = {**header, "auth": self.key.sign(opcode, header.get("job"))}
-        return await conn.request(opcode, header, timeout=10.0)
+        return await conn.request(opcode, header, timeout=timeout)
 
     # -- jobs ----------------------------------------------------------------
     def _job(self, header: dict) -> JobRecord:
@@ -382,6 +395,16 @@ class ControllerServer(Server):
         load = {m.id: sum(1 for j in self.jobs.values() if j.metadata == m.id and j.state == "active")
                 for m in metadata}
         md = least_loaded([m.id for m in metadata], load)
+        self._md_registering[md] = self._md_registering.get(md, 0) + 1
+        try:
+            return await self._register_job(h, name, hints, tier, md, replicas)
+        finally:
+            self._md_registering[md] -= 1
+            if not self._md_registering[md]:
+                del self._md_registering[md]
+
+    async def _register_job(self, h: dict, name: str, hints: dict, tier: Optional[str],
+                            md: str, replicas: int) -> dict:
         job_id = f"{job_slug(name)}-{secrets.token_hex(4)}"
         token = secrets.token_urlsafe(24)
         can_add = {t: self.provider.available(t) for t in TIER_ORDER}
@@ -588,6 +611,8 @@ class ControllerServer(Server):
         except NotFound:
             reply = None
         self.ledger.release(job.id)
+        if self.autoscaler is not None:
+            self.autoscaler.job_left(job.tier)
         job.usage.ended = time.monotonic()
         job.state = "deregistered"
         job.deregistered = time.time()

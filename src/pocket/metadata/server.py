@@ -21,6 +21,10 @@ piece) instead of ``ext``, and its ``PUT_COMMIT`` one checksum per piece.
 Its clients say they know this (``copies: true`` in ``PUT_BEGIN`` and
 ``GET``); an older client is refused rather than handed a reply it would
 misread.  Unreplicated jobs see exactly the format they always did.
+
+``EXTENTS_MOVE`` (the controller's ``--migrate-on-drain``) copies every extent
+this server's objects have on one storage node to other nodes and swaps each
+object's entry in one step; see :meth:`MetadataServer.handle_extents_move`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from ..node import ControllerLink, UsageMeter
 from ..protocol import Frame, Limits, Op
 from ..replication import check_replicas
 from ..server import Server, ServerConnection
-from ..security import DEFAULT_CAPABILITY_TTL
+from ..security import DEFAULT_CAPABILITY_TTL, checksum, verify_checksum
 from ..storage.server import FLASH_TIERS, TIERS
 from .placement import DEFAULT_SPLIT_SIZE, WeightedChooser, plan_pieces, plan_replicated
 
@@ -169,6 +173,10 @@ class MetadataServer(Server):
         self.link: Optional[ControllerLink] = None
         self._meter = UsageMeter()
         self._sweeper: Optional[asyncio.Task] = None
+        #: Storage nodes whose extents an EXTENTS_MOVE is moving right now.
+        self._moving: set[str] = set()
+        #: Storage node → EXT_ALLOC requests in flight to it (not yet in ``puts``).
+        self._allocating: dict[str, int] = {}
         self.handlers.update({
             Op.PUT_INLINE: self.handle_put_inline,
             Op.PUT_BEGIN: self.handle_put_begin,
@@ -184,6 +192,7 @@ class MetadataServer(Server):
             Op.JOB_UPDATE: self.handle_job_update,
             Op.JOB_REMOVE: self.handle_job_remove,
             Op.JOB_RENEW: self.handle_job_renew,
+            Op.EXTENTS_MOVE: self.handle_extents_move,
         })
 
     # -- helpers -------------------------------------------------------------
@@ -430,10 +439,17 @@ class MetadataServer(Server):
         raise LookupError("no storage server left")
 
     async def _alloc_on(self, job: JobNamespace, node: str, nbytes: int) -> list:
-        conn = await self._storage_conn(node)
-        reply = await conn.request(Op.EXT_ALLOC, {
-            "job": job.job_id, "size": nbytes, "owner": self.instance,
-            "auth": self._sign(Op.EXT_ALLOC, job.job_id, nbytes, self.instance)}, timeout=10.0)
+        self._allocating[node] = self._allocating.get(node, 0) + 1
+        try:
+            conn = await self._storage_conn(node)
+            reply = await conn.request(Op.EXT_ALLOC, {
+                "job": job.job_id, "size": nbytes, "owner": self.instance,
+                "auth": self._sign(Op.EXT_ALLOC, job.job_id, nbytes, self.instance)},
+                timeout=10.0)
+        finally:
+            self._allocating[node] -= 1
+            if not self._allocating[node]:
+                del self._allocating[node]
         return reply.header["ext"]
 
     def handle_put_commit(self, conn: ServerConnection, frame: Frame) -> None:
@@ -663,6 +679,195 @@ class MetadataServer(Server):
         if h.get("all"):
             del self.jobs[job.job_id]
         return {"freed": freed, "kept": kept}
+
+    # -- moving extents off a draining node (--migrate-on-drain) ------------------
+    async def handle_extents_move(self, conn: ServerConnection, frame: Frame) -> dict:
+        """Move every live extent on storage node ``node`` to the ``targets`` (node → weight).
+
+        Per object: copy each of its extents on ``node`` (EXT_READ with a read
+        capability this server mints, EXT_ALLOC + EXT_WRITE on a target), then,
+        only if the object is still the one under its name, swap in a new
+        object whose extent list names the copies — one step, like an
+        overwrite.  The old extents on ``node`` are freed once no reader holds
+        a lease on the old object (readers that looked it up before the swap
+        read the old extents, which stay until they release).  A failed copy
+        frees its new extents and leaves the object where it was.
+
+        Idempotent; the controller repeats it until ``left``, ``pending``,
+        ``allocating`` and ``held`` are all 0: then nothing of this server's is
+        on ``node`` or about to be.
+        """
+        h = frame.header
+        node = h.get("node")
+        if not isinstance(node, str):
+            raise InvalidRequest("node must be a storage node id")
+        if self.key is None:
+            raise AccessDenied("the metadata server has no cluster key yet (not registered)")
+        self.key.check(h.get("auth"), Op.EXTENTS_MOVE, node)
+        targets, addresses = h.get("targets"), h.get("nodes", {})
+        if not isinstance(targets, dict) or not isinstance(addresses, dict):
+            raise InvalidRequest("targets and nodes must be maps")
+        self.node_addresses.update({str(k): str(v) for k, v in addresses.items()})
+        weights = {str(k): float(v) for k, v in targets.items() if k != node and v > 0}
+        if node in self._moving:
+            return {"busy": True, **self._left_on(node)}
+        self._moving.add(node)
+        moved = moved_bytes = failed = 0
+        try:
+            chooser = WeightedChooser(weights)
+            for job in list(self.jobs.values()):
+                for name, obj in list(job.objects.items()):
+                    if obj.dead or not any(e[0] == node for e in obj.extents):
+                        continue
+                    try:
+                        nbytes = await self._move_object(job, name, obj, node, chooser)
+                    except (PocketError, LookupError) as exc:
+                        failed += 1
+                        log.warning("could not move %r of job %s off %s: %s", name, job.job_id,
+                                    node, exc)
+                        continue
+                    if nbytes:
+                        moved += 1
+                        moved_bytes += nbytes
+        finally:
+            self._moving.discard(node)
+        if moved:
+            log.info("moved %d objects (%d bytes) off storage node %s", moved, moved_bytes, node)
+        return {"moved": moved, "bytes": moved_bytes, "failed": failed, **self._left_on(node)}
+
+    def _left_on(self, node: str) -> dict:
+        """What this server still has on ``node``: live objects, pending puts, allocations in
+        flight, and retired objects a reader still holds a lease on."""
+        live = sum(1 for job in self.jobs.values() for o in job.objects.values()
+                   if any(e[0] == node for e in o.extents))
+        pending = sum(1 for p in self.puts.values() if any(e[0] == node for e in p.extents))
+        held = sum(1 for _, o, _ in self.leases.values()
+                   if o.dead and any(e[0] == node for e in o.extents))
+        return {"left": live, "pending": pending, "allocating": self._allocating.get(node, 0),
+                "held": held}
+
+    async def _move_object(self, job: JobNamespace, name: str, obj: StoredObject, node: str,
+                           chooser: WeightedChooser) -> int:
+        """Copy ``obj``'s extents on ``node`` elsewhere and swap the object; bytes moved
+        (0 if the object changed meanwhile: the copies are freed, nothing else changes)."""
+        if obj.pieces is not None:
+            return await self._move_replicated(job, name, obj, node, chooser)
+        extents: list = []
+        copies: list = []  # (node, extent id, length) allocated for the copy
+        try:
+            for entry in obj.extents:
+                src, ext_id, length, crc = entry
+                if src != node:
+                    extents.append(entry)
+                    continue
+                data = await self._read_extent(job, src, ext_id, length)
+                verify_checksum(data, crc, f"extent {ext_id} on {src}")
+                offset = 0
+                for dst, new_id, piece in await self._alloc_elsewhere(job, length, chooser,
+                                                                       node, copies):
+                    view = memoryview(data)[offset:offset + piece]
+                    await self._write_extent(job, dst, new_id, view)
+                    extents.append((dst, new_id, piece, checksum(view) if crc is not None
+                                    else None))
+                    offset += piece
+        except BaseException:
+            if copies:
+                self._free_extents(copies)
+            raise
+        if job.objects.get(name) is not obj or obj.dead:
+            self._free_extents(copies)  # deleted or overwritten during the copy
+            return 0
+        job.objects[name] = StoredObject(obj.size, obj.persist, extents=extents,
+                                         created=obj.created)
+        return await self._retire_moved(obj, node)
+
+    async def _retire_moved(self, obj: StoredObject, node: str) -> int:
+        """The old object now owns only its extents on ``node``; it is freed like any
+        retired object: at once, or when its last reader releases its lease."""
+        moved = [e for e in obj.extents if e[0] == node]
+        obj.extents = moved
+        obj.pieces = None
+        obj.dead = True
+        if obj.readers == 0:
+            obj.extents = []
+            await self._send_free(node, [e for _, e, *_ in moved])
+        return sum(e[2] for e in moved)
+
+    async def _move_replicated(self, job: JobNamespace, name: str, obj: StoredObject,
+                               node: str, chooser: WeightedChooser) -> int:
+        """:meth:`_move_object` for a replicated object: each copy on ``node`` (a copy is on
+        one node) is read whole, checked against its piece's checksum, and written to a
+        node holding no other copy of that piece, so the copies stay on distinct nodes."""
+        pieces: list = []
+        copies: list = []  # (node, extent id, length) allocated for the new copies
+        try:
+            for length, crc, piece_copies in obj.pieces or ():
+                kept = []
+                for copy in piece_copies:
+                    if all(n != node for n, _, _ in copy):
+                        kept.append(copy)
+                        continue
+                    data = bytearray()
+                    for src, ext_id, ext_len in copy:
+                        data += await self._read_extent(job, src, ext_id, ext_len)
+                    verify_checksum(data, crc, f"a copy of {name!r} on {node}")
+                    others = {n for c in piece_copies if c is not copy for n, _, _ in c}
+                    got = await self._alloc_elsewhere(job, len(data), chooser, node, copies,
+                                                      avoid=others)
+                    offset = 0
+                    for dst, new_id, piece in got:
+                        await self._write_extent(job, dst, new_id,
+                                                 memoryview(data)[offset:offset + piece])
+                        offset += piece
+                    kept.append(list(got))
+                pieces.append((length, crc, kept))
+        except BaseException:
+            if copies:
+                self._free_extents(copies)
+            raise
+        if job.objects.get(name) is not obj or obj.dead:
+            self._free_extents(copies)  # deleted or overwritten during the copy
+            return 0
+        extents = [(n, e, length, None) for _, _, kept in pieces for copy in kept
+                   for n, e, length in copy]
+        job.objects[name] = StoredObject(obj.size, obj.persist, extents=extents, pieces=pieces,
+                                         created=obj.created)
+        return await self._retire_moved(obj, node)
+
+    async def _read_extent(self, job: JobNamespace, node: str, ext_id: int,
+                           length: int) -> bytearray:
+        buf = bytearray(length)
+        conn = await self._storage_conn(node)
+        (cap,) = self._capabilities(job, [ext_id], "r")
+        frame = await conn.request(Op.EXT_READ, {"ext": ext_id, "off": 0, "len": length,
+                                                 "cap": cap}, into=memoryview(buf), timeout=30.0)
+        if not frame.sunk:
+            raise Unavailable(f"storage node {node} answered a read with the wrong size")
+        return buf
+
+    async def _write_extent(self, job: JobNamespace, node: str, ext_id: int,
+                            data: memoryview) -> None:
+        conn = await self._storage_conn(node)
+        (cap,) = self._capabilities(job, [ext_id], "w")
+        await conn.request(Op.EXT_WRITE, {"ext": ext_id, "off": 0, "cap": cap}, data,
+                           timeout=30.0)
+
+    async def _alloc_elsewhere(self, job: JobNamespace, size: int, chooser: WeightedChooser,
+                               node: str, copies: list, avoid: frozenset | set = frozenset()
+                               ) -> list:
+        """``size`` bytes on one target (the next by weight that has room, not one of
+        ``avoid``), as ``[(node, extent id, length)]``; also appended to ``copies``."""
+        failed = {node, *avoid}
+        while True:
+            target = chooser.choose(exclude=failed)  # LookupError: no target has room
+            try:
+                got = [(target, e, length) for e, length in await self._alloc_on(job, target,
+                                                                                 size)]
+            except (CapacityExceeded, Unavailable):
+                failed.add(target)
+                continue
+            copies.extend(got)
+            return got
 
     # -- background ----------------------------------------------------------
     async def _sweep(self) -> None:
