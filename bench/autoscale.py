@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="most nodes the local provider starts (default 8)")
     parser.add_argument("--rate", type=float, default=4.0,
                         help="objects per second per lambda (default 4)")
+    parser.add_argument("--scale-band", action="append", default=[],
+                        help="passed to the controller (e.g. throughput=60-100); repeatable; "
+                             "default: the controller's 60-80 for every resource")
     parser.add_argument("--json", default=None, help="write samples and results here")
     parser.add_argument("--plot", default=None, help="write the timeline PNG here")
     args = parser.parse_args(argv)
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     with LocalCluster(dram=1, capacity=parse_size(args.node_capacity), provider="local",
                       max_nodes=args.max_nodes, throughput=args.node_rate, autoscale=True,
+                      controller_args=tuple(a for band in args.scale_band
+                                            for a in ("--scale-band", band)),
                       log_level="WARNING") as cluster, pocket.connect(cluster.address) as client:
         results["controller"] = cluster.address
         client.address = cluster.address  # type: ignore[attr-defined]

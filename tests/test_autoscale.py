@@ -116,7 +116,9 @@ def test_drained_node_keeps_live_objects_until_empty(make_cluster) -> None:
                  and n["id"] not in {e.get("node") for e in events(client.status(), "x")}]
         assert wait_for(lambda: events(client.status(), "draining"), timeout=10)
         (drained,) = [n for n in storage(client.status()) if n["state"] == "draining"]
-        assert drained["used"] > 0
+        # Its bytes show in the status at its next heartbeat (the drain can come first).
+        assert wait_for(lambda: any(n["id"] == drained["id"] and n["used"] > 0
+                                    for n in storage(client.status())), timeout=3)
         time.sleep(3)  # it holds live data: it stays, and every object is intact
         assert any(n["id"] == drained["id"] for n in storage(client.status()))
         assert not events(client.status(), "removed")

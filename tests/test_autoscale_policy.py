@@ -32,7 +32,7 @@ def observe(nodes, now: float = 100.0, *, can_add: int = 8, starting: int = 0,
 
 
 LONG_BELOW = {"dram": TierHistory(below_since=0.0)}  # below band since long ago
-# Uniform 60-80% bands (the tests predate DEFAULT_BANDS for allocated resources).
+# Uniform 60-80% bands (the default).
 POLICY = ScalingPolicy(bands={}, min_nodes={"dram": 1})
 
 
@@ -295,8 +295,17 @@ def test_metadata_history_no_flapping() -> None:
     assert added == 1
 
 
-def test_default_bands_let_allocation_reach_100_percent_but_measured_load_not() -> None:
+def test_default_bands_are_60_80_for_every_resource() -> None:
     policy = ScalingPolicy(min_nodes={"dram": 1})
+    for resource in ("cpu", "net", "bytes", "throughput", "capacity"):
+        assert policy.band("dram", resource) == Band(0.6, 0.8)
+    assert actions(decide_scaling(observe([node(0, alloc=0.85), node(1, alloc=0.85)]),
+                                  policy)) == [("add", 1)]
+
+
+def test_allocation_bands_up_to_100_percent_leave_measured_load_at_80() -> None:
+    policy = ScalingPolicy(bands={"throughput": Band(0.6, 1.0), "capacity": Band(0.6, 1.0)},
+                           min_nodes={"dram": 1})
     assert decide_scaling(observe([node(0, alloc=0.95), node(1, alloc=0.95)]), policy) == []
     assert actions(decide_scaling(observe([node(0, alloc=1.2), node(1, alloc=1.2)]),
                                   policy)) == [("add", 1)]  # 2.4 node-loads at 0.8 each: 3

@@ -68,11 +68,12 @@ class Band:
         return (self.low + self.high) / 2
 
 
-#: Allocated throughput and capacity are reservations that rightsizing already sized to the
-#: jobs' hints (peak demand) and packed to 100%: a 60–80% band on them would buy every job
-#: 25–65% more nodes than it asked for, on top of its own peak.  So they scale out only when
-#: overcommitted (above 100%) and in below 60%; measured load (cpu, net, bytes) keeps 60–80%.
-DEFAULT_BANDS = {"throughput": Band(0.6, 1.0), "capacity": Band(0.6, 1.0)}
+#: Every resource defaults to ``default_band`` (60–80%, as in the original Pocket).  Allocated
+#: throughput and capacity are reservations that rightsizing already sized to the jobs' hints
+#: and packed to 100%, so a 60–80% band on them keeps 25–65% spare allocation; operators who
+#: trust the hints can let allocation reach 100% (``--scale-band throughput=60-100
+#: --scale-band capacity=60-100``; docs/AUTOSCALING.md measures both).
+DEFAULT_BANDS: dict[str, "Band"] = {}
 
 
 @dataclass(frozen=True)
