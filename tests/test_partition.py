@@ -317,7 +317,7 @@ def test_partitioned_metadata_server_keeps_its_data(hosts: Hosts) -> None:
     """A metadata server cut off for longer than --node-timeout (but less than
     --reclaim-after) is dropped, comes back under its id, and has lost nothing."""
     ns = hosts.add_namespace()
-    c = start_cluster(hosts, [None], controller_args=["--reclaim-after", "10s"],
+    c = start_cluster(hosts, [None], controller_args=["--reclaim-after", "15s"],
                       metadata_in=ns)
     cl = pocket.connect(c["controller"], timeout=CLIENT_TIMEOUT)
     job = cl.register_job("md-partition")
@@ -332,7 +332,7 @@ def test_partitioned_metadata_server_keeps_its_data(hosts: Hosts) -> None:
     hosts.cut(ns)
     cut = time.monotonic()
     exc, took = timed(lambda: job.get("x0"))  # its namespace is unreachable: fail fast
-    assert isinstance(exc, pocket.Unavailable) and took < CLIENT_TIMEOUT + 1.5, (exc, took)
+    assert isinstance(exc, pocket.Unavailable) and took < CLIENT_TIMEOUT + 5, (exc, took)
     assert wait_for(lambda: c["metadata"] not in node_ids(cl), 6.0)  # dropped
     dropped = time.monotonic() - cut
     with pytest.raises(pocket.Unavailable):  # no metadata server left: said at once
@@ -342,7 +342,7 @@ def test_partitioned_metadata_server_keeps_its_data(hosts: Hosts) -> None:
     assert wait_for(lambda: node_ids(cl).get(c["metadata"]) == md_id, 20.0)
     back = time.monotonic() - healed
     assert wait_for(lambda: _reads(job, "x0", data["x0"]), 10.0)
-    time.sleep(max(0.0, cut + 11 - time.monotonic()))  # past --reclaim-after since the cut
+    time.sleep(max(0.0, cut + 16 - time.monotonic()))  # past --reclaim-after since the cut
     assert used() == before  # nothing was freed
     attached = cl.attach(job.id, job.token)  # the controller finds its metadata server again
     for name, value in data.items():

@@ -15,7 +15,9 @@ import pytest
 
 import pocket
 from pocket.connection import BlockingConnection
+from pocket.local import LocalCluster
 from pocket.protocol import Op
+from pocket.security import ClusterKey
 
 from helpers import storage_used, wait_for
 
@@ -58,9 +60,8 @@ def test_dead_metadata_servers_extents_are_reclaimed(make_cluster) -> None:
         kept = {f"l{i}": os.urandom(BIG) for i in range(4)}
         for name, data in kept.items():
             live.put(name, data)
-        before = settled_used(c)
         live_used = 4 * (-(-BIG // 4096) * 4096)
-        assert before == 3 * live_used
+        assert wait_for(lambda: storage_used(c.status()) == 3 * live_used, 5.0, interval=0.2)
         md = next(p for p in c.processes if p.address == job_md(c, doomed.id))
         killed = time.monotonic()
         os.kill(md.pid, signal.SIGKILL)
@@ -69,7 +70,7 @@ def test_dead_metadata_servers_extents_are_reclaimed(make_cluster) -> None:
         assert wait_for(lambda: storage_used(c.status()) == live_used, 10.0, interval=0.2), \
             storage_used(c.status())
         took = time.monotonic() - killed
-        print(f"storage usage {before} -> {live_used} bytes {took:.1f}s after kill -9 of the "
+        print(f"storage usage {3 * live_used} -> {live_used} bytes {took:.1f}s after kill -9 of the "
               f"metadata server (--reclaim-after 2s)")
         assert took > 2.0  # not before the grace period
         for name, data in kept.items():  # the live metadata server's extents are untouched
@@ -144,3 +145,38 @@ def test_unsigned_reclaim_is_refused(cluster, job) -> None:
     finally:
         conn.close()
     assert job.get("x") == b"r" * BIG
+
+
+def test_storage_refuses_to_reclaim_an_owner_it_heard_from(monkeypatch) -> None:
+    """EXT_RECLAIM says how long the controller has not heard from the owner; a storage
+    server that got an allocation from it more recently refuses (the owner lives: only its
+    controller link is cut), and frees its extents only when that is not so."""
+    secret = os.urandom(16).hex()
+    monkeypatch.setenv("POCKET_SECRET", secret)
+    key = ClusterKey(secret.encode())
+    with LocalCluster(dram=1, capacity="64MiB", log_level="WARNING") as c, \
+            pocket.connect(c.address, timeout=5.0) as cl:
+        job = cl.register_job("alive")
+        data = os.urandom(BIG)
+        job.put("x", data)
+        (owner,) = [n["owner"] for n in cl.status()["nodes"] if n["role"] == "metadata"]
+        (address,) = job.lookup("x").servers
+        conn = BlockingConnection(address, timeout=5.0)
+        try:
+            def reclaim(silent: float):
+                return conn.request(Op.EXT_RECLAIM, {
+                    "owner": owner, "silent": silent,
+                    "auth": key.sign(Op.EXT_RECLAIM, owner, silent)})
+
+            with pytest.raises(pocket.AccessDenied, match="allocated here"):
+                reclaim(60.0)  # "silent for a minute", but it allocated here just now
+            assert job.get("x") == data
+            with pytest.raises(pocket.AccessDenied):  # the signature covers ``silent``
+                conn.request(Op.EXT_RECLAIM, {"owner": owner, "silent": 0.001,
+                                              "auth": key.sign(Op.EXT_RECLAIM, owner, 60.0)})
+            time.sleep(0.05)
+            assert reclaim(0.001).header["extents"] == 1  # silent longer than its last alloc
+        finally:
+            conn.close()
+        with pytest.raises(pocket.PocketError):  # its extent is gone: an error, never bytes
+            job.get("x")

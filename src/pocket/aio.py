@@ -22,7 +22,7 @@ from typing import Any, Optional
 from .client import (ObjectInfo, byte_view, default_controller, extent_plan, info_from_header,
                      job_hints, job_options, piece_checksums, verify_pieces, writable_view)
 from .connection import DEFAULT_TIMEOUT, AsyncConnectionCache
-from .errors import InvalidRequest, NotFound, PocketError, ProtocolError
+from .errors import AccessDenied, InvalidRequest, NotFound, PocketError, ProtocolError
 from .protocol import Buffer, Frame, Op
 from .replication import SUSPECT_FOR, CopyReads, piece_plan, read_requests
 from .security import checksum
@@ -81,11 +81,17 @@ class AsyncJob:
     async def _renew(self, lease: float) -> None:
         while True:
             try:  # the reply says the lease the metadata server applies
-                applied = (await self._md(Op.JOB_RENEW, {})).header.get("lease")
+                reply = (await self._md(Op.JOB_RENEW, {})).header
+            except (AccessDenied, NotFound):
+                return  # the job is gone (deregistered or reclaimed): nothing to renew
+            except PocketError:
+                pass  # unreachable for now: the job's lapse is the metadata server's call
+            else:
+                if reply.get("active") is False:
+                    return
+                applied = reply.get("lease")
                 if isinstance(applied, (int, float)) and applied > 0:
                     lease = float(applied)
-            except PocketError:
-                pass  # the job's lapse is the metadata server's call, not ours
             await asyncio.sleep(max(lease / 3, 0.05))
 
     def _stop_renewal(self) -> None:

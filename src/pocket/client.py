@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .connection import DEFAULT_TIMEOUT, BlockingConnection, ConnectionPool
-from .errors import InvalidRequest, NotFound, PocketError, ProtocolError, Unavailable
+from .errors import AccessDenied, InvalidRequest, NotFound, PocketError, ProtocolError, Unavailable
 from .protocol import Buffer, Frame, Op
 from .replication import (SUSPECT_FOR, CopyReads, check_replicas, extent_plan, piece_plan,
                           read_requests)
@@ -142,9 +142,15 @@ class Job:
             interval = (lease or 60.0) / 3
             while True:
                 try:  # the reply says the lease the metadata server applies
-                    interval = self._md(Op.JOB_RENEW, {}).header.get("lease", 60.0) / 3
+                    reply = self._md(Op.JOB_RENEW, {}).header
+                except (AccessDenied, NotFound):
+                    return  # the job is gone (deregistered or reclaimed): nothing to renew
                 except PocketError:
-                    pass  # the job's lapse is the metadata server's call, not ours
+                    pass  # unreachable for now: the job's lapse is the metadata server's call
+                else:
+                    if reply.get("active") is False:
+                        return
+                    interval = reply.get("lease", 60.0) / 3
                 if stop.wait(interval):
                     return
 

@@ -40,6 +40,12 @@ class UsageMeter:
                 "net_out": (bytes_out - out0) / dt}
 
 
+def registration_signed(fields: dict) -> tuple:
+    """The fields of a NODE_REGISTER its signature covers: who the node is, where it
+    listens, the id it asks to keep and (metadata) the instance that owns its extents."""
+    return fields.get("role"), fields.get("addr"), fields.get("node"), fields.get("owner")
+
+
 class ControllerLink:
     """Registers a node with the controller and sends heartbeats every ``interval``."""
 
@@ -82,7 +88,9 @@ class ControllerLink:
                     warned = False
                 stats = self.heartbeat()
                 stats["node"] = self.node_id
-                await conn.request(Op.NODE_HEARTBEAT, stats, timeout=10.0)
+                # A short timeout: a heartbeat stuck in a partition must not delay this
+                # node's return (and re-registration) long after the link healed.
+                await conn.request(Op.NODE_HEARTBEAT, stats, timeout=max(3.0, 3 * self.interval))
             except NotFound:
                 log.warning("controller %s forgot this node; registering again", self.controller)
                 self.previous_id = self.node_id
@@ -109,7 +117,7 @@ class ControllerLink:
             fields["metrics"] = metrics
         key = getattr(self.server, "key", None)
         if key is not None and not key.generated:  # prove we hold the configured secret
-            fields["auth"] = key.sign(Op.NODE_REGISTER, fields.get("role"), fields.get("addr"))
+            fields["auth"] = key.sign(Op.NODE_REGISTER, *registration_signed(fields))
         return fields
 
     def _take_key(self, reply: dict) -> None:

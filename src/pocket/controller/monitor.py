@@ -241,7 +241,9 @@ class AutoscaleMonitor:
             await self._drain(drains)
         if self.migrate:
             for node_id in self.drained_at:
-                if node_id not in self.migrated and node_id not in self.migrating:
+                node = self.controller.nodes.get(node_id)
+                if (node is not None and node.role == "storage" and
+                        node_id not in self.migrated and node_id not in self.migrating):
                     self._start_migration(node_id)
         return decisions
 
@@ -405,6 +407,9 @@ class AutoscaleMonitor:
         for node_id in gone:
             if c.nodes.get(node_id) is not None and c.nodes[node_id].state == "draining":
                 self.drained_at[node_id] = now
+                # A confirmation from an earlier drain (the node left and came back under
+                # its id between ticks) must not let it go without a new move.
+                self.migrated.pop(node_id, None)
                 if self.migrate and node_id not in self.migrating:
                     self._start_migration(node_id)
 
@@ -426,9 +431,9 @@ class AutoscaleMonitor:
         if not targets:
             return
         began = time.monotonic()
-        header = {"node": node_id, "targets": targets,
-                  "nodes": {n: c.nodes[n].address for n in targets},
-                  "auth": c.key.sign(Op.EXTENTS_MOVE, node_id)}
+        nodes = {n: c.nodes[n].address for n in targets}
+        header = {"node": node_id, "targets": targets, "nodes": nodes,
+                  "auth": c.key.sign(Op.EXTENTS_MOVE, node_id, targets, nodes)}
         mds = [m.id for m in c.nodes.values() if m.role == "metadata"]
         results = await asyncio.gather(
             *(c._md_request(m, Op.EXTENTS_MOVE, header, timeout=120.0) for m in mds),

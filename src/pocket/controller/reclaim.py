@@ -56,6 +56,11 @@ class OwnerWatch:
                 dead.append(owner)
         return dead
 
+    def silent_for(self, owner: str, now: float) -> float:
+        """Seconds since a registered metadata server last had ``owner`` (sent with
+        EXT_RECLAIM: a storage server that heard from the owner more recently refuses)."""
+        return now - self.last_alive.get(owner, self.started)
+
     def prune(self, live: set[str], now: float) -> None:
         """Forget owners not seen for a long time (bounded memory); forgetting is safe:
         an unknown owner counts as last seen at the controller's start."""

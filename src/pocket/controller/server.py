@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..connection import AsyncConnectionCache
+from ..node import registration_signed
 from ..errors import AccessDenied, InvalidRequest, NotFound, PocketError, Unavailable
 from ..protocol import Frame, Limits, Op
 from ..replication import check_replicas
@@ -194,7 +195,7 @@ class ControllerServer(Server):
         if self.key is None:
             self.key = ClusterKey.generate()
         if not self.key.generated:
-            self.key.check(h.get("auth"), Op.NODE_REGISTER, h.get("role"), h.get("addr"))
+            self.key.check(h.get("auth"), Op.NODE_REGISTER, *registration_signed(h))
             return {}
         transport = conn.transport
         peer = transport.get_extra_info("peername") if transport else None
@@ -257,14 +258,18 @@ class ControllerServer(Server):
             if self.key is None:
                 return
             conn = await self._storage_conns.get(node.address)
+            silent = round(self.owners.silent_for(owner, time.monotonic()), 3)
             reply = await conn.request(Op.EXT_RECLAIM, {
-                "owner": owner, "auth": self.key.sign(Op.EXT_RECLAIM, owner)}, timeout=10.0)
+                "owner": owner, "silent": silent,
+                "auth": self.key.sign(Op.EXT_RECLAIM, owner, silent)}, timeout=10.0)
             log.warning("metadata server instance %s silent for over %.0fs: storage server %s "
                         "freed its %s extents (%s bytes)", owner, self.owners.grace, node.id,
                         reply.header.get("extents"), reply.header.get("freed"))
         except (PocketError, OSError) as exc:  # tried again at its next heartbeat
             log.warning("could not reclaim the extents of metadata server instance %s on %s: "
                         "%s", owner, node.id, exc)
+        except Exception:  # a malformed reply: logged here, tried again at the next heartbeat
+            log.exception("reclaiming metadata server instance %s on %s failed", owner, node.id)
         finally:
             self._reclaiming.discard((node.id, owner))
 
@@ -637,7 +642,8 @@ class ControllerServer(Server):
                      "state": n.state, "capacity": n.capacity, "used": n.used,
                      "cpu": round(n.cpu, 3), "net_in": round(n.net_in),
                      "net_out": round(n.net_out), "age": round(now - n.last_seen, 2),
-                     **{k: n.info[k] for k in ("dev_read", "dev_write", "direct_io", "metrics")
+                     **{k: n.info[k] for k in ("dev_read", "dev_write", "direct_io", "metrics",
+                                               "owner")
                         if k in n.info}}
             load = self.ledger.nodes.get(n.id)
             if load is not None:

@@ -703,11 +703,14 @@ class MetadataServer(Server):
             raise InvalidRequest("node must be a storage node id")
         if self.key is None:
             raise AccessDenied("the metadata server has no cluster key yet (not registered)")
-        self.key.check(h.get("auth"), Op.EXTENTS_MOVE, node)
         targets, addresses = h.get("targets"), h.get("nodes", {})
-        if not isinstance(targets, dict) or not isinstance(addresses, dict):
-            raise InvalidRequest("targets and nodes must be maps")
-        self.node_addresses.update({str(k): str(v) for k, v in addresses.items()})
+        # The whole request is signed: a replayed frame cannot redirect node addresses.
+        self.key.check(h.get("auth"), Op.EXTENTS_MOVE, node, targets, addresses)
+        if not (isinstance(targets, dict) and isinstance(addresses, dict) and
+                all(isinstance(v, (int, float)) for v in targets.values())):
+            raise InvalidRequest("targets must map nodes to weights, nodes to addresses")
+        self.node_addresses.update({str(k): str(v) for k, v in addresses.items()
+                                    if k in targets})
         weights = {str(k): float(v) for k, v in targets.items() if k != node and v > 0}
         if node in self._moving:
             return {"busy": True, **self._left_on(node)}
@@ -717,8 +720,8 @@ class MetadataServer(Server):
             chooser = WeightedChooser(weights)
             for job in list(self.jobs.values()):
                 for name, obj in list(job.objects.items()):
-                    if obj.dead or not any(e[0] == node for e in obj.extents):
-                        continue
+                    if obj.dead or obj.readers or not any(e[0] == node for e in obj.extents):
+                        continue  # one being read is moved in a later round
                     try:
                         nbytes = await self._move_object(job, name, obj, node, chooser)
                     except (PocketError, LookupError) as exc:
@@ -774,23 +777,29 @@ class MetadataServer(Server):
             if copies:
                 self._free_extents(copies)
             raise
-        if job.objects.get(name) is not obj or obj.dead:
-            self._free_extents(copies)  # deleted or overwritten during the copy
+        if not self._still_movable(job, name, obj):
+            self._free_extents(copies)
             return 0
         job.objects[name] = StoredObject(obj.size, obj.persist, extents=extents,
                                          created=obj.created)
-        return await self._retire_moved(obj, node)
+        return self._retire_moved(obj, node)
 
-    async def _retire_moved(self, obj: StoredObject, node: str) -> int:
-        """The old object now owns only its extents on ``node``; it is freed like any
-        retired object: at once, or when its last reader releases its lease."""
+    @staticmethod
+    def _still_movable(job: JobNamespace, name: str, obj: StoredObject) -> bool:
+        """Whether the copy just made may replace ``obj``: it is still the object under
+        ``name`` and nobody reads it.  A reader's lease covers all of the old object's
+        extents, but after the swap only those on the draining node stay with it (the
+        others belong to the new object and go with its next delete), so an object
+        being read is left for the next round (the controller repeats the move)."""
+        return job.objects.get(name) is obj and not obj.dead and obj.readers == 0
+
+    def _retire_moved(self, obj: StoredObject, node: str) -> int:
+        """The old object keeps only its extents on ``node`` and is retired (freed in the
+        background); bytes moved."""
         moved = [e for e in obj.extents if e[0] == node]
         obj.extents = moved
         obj.pieces = None
-        obj.dead = True
-        if obj.readers == 0:
-            obj.extents = []
-            await self._send_free(node, [e for _, e, *_ in moved])
+        self._retire(obj)
         return sum(e[2] for e in moved)
 
     async def _move_replicated(self, job: JobNamespace, name: str, obj: StoredObject,
@@ -825,14 +834,14 @@ class MetadataServer(Server):
             if copies:
                 self._free_extents(copies)
             raise
-        if job.objects.get(name) is not obj or obj.dead:
-            self._free_extents(copies)  # deleted or overwritten during the copy
+        if not self._still_movable(job, name, obj):
+            self._free_extents(copies)
             return 0
         extents = [(n, e, length, None) for _, _, kept in pieces for copy in kept
                    for n, e, length in copy]
         job.objects[name] = StoredObject(obj.size, obj.persist, extents=extents, pieces=pieces,
                                          created=obj.created)
-        return await self._retire_moved(obj, node)
+        return self._retire_moved(obj, node)
 
     async def _read_extent(self, job: JobNamespace, node: str, ext_id: int,
                            length: int) -> bytearray:

@@ -21,6 +21,7 @@ import itertools
 import logging
 import mmap
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -149,6 +150,8 @@ class StorageServer(Server):
         self.extents: dict[int, Extent] = {}
         #: Owner (metadata server instance) → ids of its extents here.
         self.owners: dict[str, set[int]] = {}
+        #: Owner → when it last allocated here (monotonic); kept while it owns extents.
+        self._last_alloc: dict[str, float] = {}
         self.controller = controller
         self.heartbeat_interval = heartbeat
         self.link: Optional[ControllerLink] = None
@@ -210,6 +213,7 @@ class StorageServer(Server):
                 owned.discard(ext_id)
                 if not owned:
                     del self.owners[ext.owner]
+                    self._last_alloc.pop(ext.owner, None)
         self.allocator.free(ext.block, ext.nblocks)
         self.device.release(ext.block * self.block_size, ext.nblocks * self.block_size)
         return ext.nblocks * self.block_size
@@ -266,7 +270,10 @@ class StorageServer(Server):
     def handle_alloc(self, conn: ServerConnection, frame: Frame) -> dict:
         h = frame.header
         self._internal(h, Op.EXT_ALLOC, h["job"], h["size"], h.get("owner"))
-        return {"ext": self.alloc(str(h["job"]), h["size"], check_owner(h.get("owner")))}
+        owner = check_owner(h.get("owner"))
+        if owner is not None:  # EXT_RECLAIM will not free the extents of an owner heard here
+            self._last_alloc[owner] = time.monotonic()
+        return {"ext": self.alloc(str(h["job"]), h["size"], owner)}
 
     def handle_write(self, conn: ServerConnection, frame: Frame):
         if not frame.sunk:
@@ -343,9 +350,18 @@ class StorageServer(Server):
 
     def handle_reclaim(self, conn: ServerConnection, frame: Frame) -> dict:
         """The controller says metadata server ``owner`` is dead: its extents are unreachable."""
-        owner = frame.header.get("owner")
-        self._internal(frame.header, Op.EXT_RECLAIM, owner)
-        count, freed = self.reclaim(check_owner(owner, required=True))
+        owner, silent = frame.header.get("owner"), frame.header.get("silent")
+        self._internal(frame.header, Op.EXT_RECLAIM, owner, silent)
+        owner = check_owner(owner, required=True)
+        if not isinstance(silent, (int, float)) or silent <= 0:
+            raise InvalidRequest("silent must be a positive number of seconds")
+        last = self._last_alloc.get(owner)
+        if last is not None and time.monotonic() - last < silent:
+            # The controller has not heard from this owner for ``silent`` seconds, but this
+            # server has: the owner lives (its controller link is cut, or it just came back).
+            raise AccessDenied(f"metadata server instance {owner} allocated here "
+                               f"{time.monotonic() - last:.1f}s ago; not reclaiming its extents")
+        count, freed = self.reclaim(owner)
         if count:
             log.warning("reclaimed %d extents (%d bytes) of metadata server instance %s, "
                         "which the controller declared dead", count, freed, owner)
