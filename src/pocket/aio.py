@@ -12,20 +12,17 @@ One connection per server carries all of a client's requests at once
 from __future__ import annotations
 
 import asyncio
-import itertools
 import mmap
 import os
-import time
 import weakref
 from typing import Any, Optional
 
 from .client import (ObjectInfo, byte_view, default_controller, extent_plan, info_from_header,
-                     job_hints, job_options, piece_checksums, verify_pieces, writable_view)
+                     job_hints, job_options, verify_pieces, writable_view, write_plan)
 from .connection import DEFAULT_TIMEOUT, AsyncConnectionCache
 from .errors import AccessDenied, InvalidRequest, NotFound, PocketError, ProtocolError
 from .protocol import Buffer, Frame, Op
-from .replication import SUSPECT_FOR, CopyReads, piece_plan, read_requests
-from .security import checksum
+from .replication import CopyReadState, read_requests
 
 __all__ = ["AsyncCluster", "AsyncJob", "attach", "connect", "ObjectInfo"]
 
@@ -63,8 +60,8 @@ class AsyncJob:
         self.weights: dict = reply.get("weights", {})
         #: Copies kept of each large object (``register_job(..., replicas=2)``).
         self.replicas: int = reply.get("replicas", 1)
-        self._spread = itertools.count()
-        self._suspect: dict[str, float] = {}
+        #: Which copies replicated gets read (alternating; unreachable servers last).
+        self._copy_reads = CopyReadState()
         #: Sent with GET in replicated jobs: this client reads ``pieces``.
         self._copies = {"copies": True} if self.replicas > 1 else {}
         self._conns = conns
@@ -122,15 +119,9 @@ class AsyncJob:
         put_id = h["put"]
         commit: dict = {"put": put_id}
         try:
-            if "pieces" in h:  # replicated: every copy of every piece
-                pieces = piece_plan(h["pieces"], size, with_checksums=False)
-                plan = [e for piece in pieces for copy in piece.copies for e in copy]
-                if h.get("sum"):
-                    commit["crc"] = [checksum(view[p.offset:p.offset + p.length]) for p in pieces]
-            else:
-                plan = extent_plan(h["ext"])
-                if h.get("sum"):
-                    commit["crc"] = piece_checksums(view, plan)
+            plan, crcs = write_plan(h, view)
+            if crcs is not None:
+                commit["crc"] = crcs
             await asyncio.gather(*(
                 self._conns.request(address, Op.EXT_WRITE, {"ext": ext, "off": 0, "cap": cap},
                                     view[offset:offset + length])
@@ -161,10 +152,7 @@ class AsyncJob:
     async def _read_copies(self, h: dict, dest: memoryview) -> None:
         """A replicated object: one copy of each piece, the other where one fails."""
         try:
-            now = time.monotonic()
-            suspect = {a for a, t in self._suspect.items() if now - t < SUSPECT_FOR}
-            reads = CopyReads(piece_plan(h["pieces"], h["size"], with_checksums=True),
-                              next(self._spread), suspect)
+            reads = self._copy_reads.reads(h)
             todo = reads.first()
             while todo:
                 outcomes = await asyncio.gather(*(
@@ -174,8 +162,7 @@ class AsyncJob:
                 try:
                     todo = reads.settle(todo, outcomes, dest)
                 finally:
-                    for address in reads.down:
-                        self._suspect[address] = time.monotonic()
+                    self._copy_reads.note_down(reads)
         finally:
             await self._conns.send_no_reply(self.metadata, Op.RELEASE,
                                             {**self._auth, "lease": h["lease"]})

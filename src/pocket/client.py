@@ -9,11 +9,9 @@ nothing in Python.
 
 from __future__ import annotations
 
-import itertools
 import mmap
 import os
 import threading
-import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,8 +20,7 @@ from typing import Any, Optional
 from .connection import DEFAULT_TIMEOUT, BlockingConnection, ConnectionPool
 from .errors import AccessDenied, InvalidRequest, NotFound, PocketError, ProtocolError, Unavailable
 from .protocol import Buffer, Frame, Op
-from .replication import (SUSPECT_FOR, CopyReads, check_replicas, extent_plan, piece_plan,
-                          read_requests)
+from .replication import CopyReadState, check_replicas, extent_plan, piece_plan, read_requests
 from .security import checksum, verify_checksum
 
 DEFAULT_CONTROLLER = "127.0.0.1:7070"
@@ -82,6 +79,20 @@ def piece_checksums(view: memoryview, plan: list) -> list[int]:
     return [checksum(view[offset:offset + length]) for _, _, offset, length, _, _ in plan]
 
 
+def write_plan(h: dict, view: memoryview) -> tuple[list, Optional[list[int]]]:
+    """From a PUT_BEGIN reply: every extent to write, ``(address, extent id, offset, length,
+    capability, _)`` (for a replicated object, every copy of every piece), and the checksums
+    PUT_COMMIT carries (one per extent, or per piece when replicated; None if not asked)."""
+    if "pieces" in h:  # replicated: every copy of every piece
+        pieces = piece_plan(h["pieces"], view.nbytes, with_checksums=False)
+        plan = [e for piece in pieces for copy in piece.copies for e in copy]
+        crcs = [checksum(view[p.offset:p.offset + p.length]) for p in pieces]
+    else:
+        plan = extent_plan(h["ext"])
+        crcs = piece_checksums(view, plan)
+    return plan, crcs if h.get("sum") else None
+
+
 def verify_pieces(dest: memoryview, plan: list) -> None:
     """Raise IntegrityError if any extent read into ``dest`` does not match its checksum."""
     for address, ext_id, offset, length, _, crc in plan:
@@ -123,9 +134,8 @@ class Job:
         self.weights: dict = reply.get("weights", {})
         #: Copies kept of each large object (``register_job(..., replicas=2)``).
         self.replicas: int = reply.get("replicas", 1)
-        self._spread = itertools.count()
-        #: Storage addresses a replicated read found unreachable → when (read them last).
-        self._suspect: dict[str, float] = {}
+        #: Which copies replicated gets read (alternating; unreachable servers last).
+        self._copy_reads = CopyReadState()
         self._pool = pool
         self._owns_pool = owns_pool
         self._auth = {"job": self.id, "tok": self.token}
@@ -303,15 +313,9 @@ class Job:
         put_id = h["put"]
         commit: dict = {"put": put_id}
         try:
-            if "pieces" in h:  # replicated: every copy of every piece
-                pieces = piece_plan(h["pieces"], size, with_checksums=False)
-                plan = [e for piece in pieces for copy in piece.copies for e in copy]
-                if h.get("sum"):
-                    commit["crc"] = [checksum(view[p.offset:p.offset + p.length]) for p in pieces]
-            else:
-                plan = extent_plan(h["ext"])
-                if h.get("sum"):
-                    commit["crc"] = piece_checksums(view, plan)
+            plan, crcs = write_plan(h, view)
+            if crcs is not None:
+                commit["crc"] = crcs
             self._exchange([(address, Op.EXT_WRITE, {"ext": ext, "off": 0, "cap": cap},
                              view[offset:offset + length], None)
                             for address, ext, offset, length, cap, _ in plan])
@@ -348,10 +352,7 @@ class Job:
     def _read_copies(self, h: dict, dest: memoryview) -> None:
         """A replicated object: one copy of each piece, the other where one fails."""
         try:
-            now = time.monotonic()
-            suspect = {a for a, t in self._suspect.items() if now - t < SUSPECT_FOR}
-            reads = CopyReads(piece_plan(h["pieces"], h["size"], with_checksums=True),
-                              next(self._spread), suspect)
+            reads = self._copy_reads.reads(h)
             todo = reads.first()
             while todo:
                 outcomes = self._exchange_settled([(address, Op.EXT_READ, header, None, into)
@@ -360,8 +361,7 @@ class Job:
                 try:
                     todo = reads.settle(todo, outcomes, dest)
                 finally:
-                    for address in reads.down:
-                        self._suspect[address] = time.monotonic()
+                    self._copy_reads.note_down(reads)
         finally:
             self._md_no_reply(Op.RELEASE, {"lease": h["lease"]})
 

@@ -8,6 +8,8 @@ Where the copies go is decided by the metadata server (``metadata/placement.py``
 
 from __future__ import annotations
 
+import itertools
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -176,3 +178,24 @@ def read_requests(reads: list[tuple[int, list]], dest: memoryview) -> list[tuple
             for _i, copy in reads for address, ext, offset, length, cap, _ in copy]
 
 
+class CopyReadState:
+    """What a client remembers between gets of replicated objects: how many it started
+    (successive gets start at successive copies) and which storage servers it found
+    unreachable lately (their copies are tried last for :data:`SUSPECT_FOR` seconds)."""
+
+    def __init__(self) -> None:
+        self._gets = itertools.count()
+        self._down_at: dict[str, float] = {}
+
+    def reads(self, h: dict) -> CopyReads:
+        """The :class:`CopyReads` of the GET reply ``h`` of a replicated object."""
+        now = time.monotonic()
+        suspect = {a for a, t in self._down_at.items() if now - t < SUSPECT_FOR}
+        return CopyReads(piece_plan(h["pieces"], h["size"], with_checksums=True),
+                         next(self._gets), suspect)
+
+    def note_down(self, reads: CopyReads) -> None:
+        """Remember the servers ``reads`` found unreachable."""
+        now = time.monotonic()
+        for address in reads.down:
+            self._down_at[address] = now
