@@ -753,26 +753,10 @@ class MetadataServer(Server):
                            chooser: WeightedChooser) -> int:
         """Copy ``obj``'s extents on ``node`` elsewhere and swap the object; bytes moved
         (0 if the object changed meanwhile: the copies are freed, nothing else changes)."""
-        if obj.pieces is not None:
-            return await self._move_replicated(job, name, obj, node, chooser)
-        extents: list = []
-        copies: list = []  # (node, extent id, length) allocated for the copy
+        copies: list = []  # (node, extent id, length) allocated for the copies
+        copy = self._copy_replicated if obj.pieces is not None else self._copy_extents
         try:
-            for entry in obj.extents:
-                src, ext_id, length, crc = entry
-                if src != node:
-                    extents.append(entry)
-                    continue
-                data = await self._read_extent(job, src, ext_id, length)
-                verify_checksum(data, crc, f"extent {ext_id} on {src}")
-                offset = 0
-                for dst, new_id, piece in await self._alloc_elsewhere(job, length, chooser,
-                                                                       node, copies):
-                    view = memoryview(data)[offset:offset + piece]
-                    await self._write_extent(job, dst, new_id, view)
-                    extents.append((dst, new_id, piece, checksum(view) if crc is not None
-                                    else None))
-                    offset += piece
+            moved_to = await copy(job, name, obj, node, chooser, copies)
         except BaseException:
             if copies:
                 self._free_extents(copies)
@@ -780,9 +764,14 @@ class MetadataServer(Server):
         if not self._still_movable(job, name, obj):
             self._free_extents(copies)
             return 0
-        job.objects[name] = StoredObject(obj.size, obj.persist, extents=extents,
-                                         created=obj.created)
-        return self._retire_moved(obj, node)
+        job.objects[name] = moved_to
+        # The old object keeps only its extents on ``node`` and is retired (freed in the
+        # background; the copies took the place of those, the rest moved with the name).
+        moved = [e for e in obj.extents if e[0] == node]
+        obj.extents = moved
+        obj.pieces = None
+        self._retire(obj)
+        return sum(e[2] for e in moved)
 
     @staticmethod
     def _still_movable(job: JobNamespace, name: str, obj: StoredObject) -> bool:
@@ -793,55 +782,59 @@ class MetadataServer(Server):
         being read is left for the next round (the controller repeats the move)."""
         return job.objects.get(name) is obj and not obj.dead and obj.readers == 0
 
-    def _retire_moved(self, obj: StoredObject, node: str) -> int:
-        """The old object keeps only its extents on ``node`` and is retired (freed in the
-        background); bytes moved."""
-        moved = [e for e in obj.extents if e[0] == node]
-        obj.extents = moved
-        obj.pieces = None
-        self._retire(obj)
-        return sum(e[2] for e in moved)
+    async def _copy_extents(self, job: JobNamespace, name: str, obj: StoredObject, node: str,
+                            chooser: WeightedChooser, copies: list) -> StoredObject:
+        """The object with each of its extents on ``node`` copied to a target (new
+        checksums where the old extent had one); new extents are appended to ``copies``."""
+        extents: list = []
+        for entry in obj.extents:
+            src, ext_id, length, crc = entry
+            if src != node:
+                extents.append(entry)
+                continue
+            data = await self._read_extent(job, src, ext_id, length)
+            verify_checksum(data, crc, f"extent {ext_id} on {src}")
+            offset = 0
+            for dst, new_id, piece in await self._alloc_elsewhere(job, length, chooser,
+                                                                   node, copies):
+                view = memoryview(data)[offset:offset + piece]
+                await self._write_extent(job, dst, new_id, view)
+                extents.append((dst, new_id, piece, checksum(view) if crc is not None
+                                else None))
+                offset += piece
+        return StoredObject(obj.size, obj.persist, extents=extents, created=obj.created)
 
-    async def _move_replicated(self, job: JobNamespace, name: str, obj: StoredObject,
-                               node: str, chooser: WeightedChooser) -> int:
-        """:meth:`_move_object` for a replicated object: each copy on ``node`` (a copy is on
+    async def _copy_replicated(self, job: JobNamespace, name: str, obj: StoredObject,
+                               node: str, chooser: WeightedChooser,
+                               copies: list) -> StoredObject:
+        """:meth:`_copy_extents` for a replicated object: each copy on ``node`` (a copy is on
         one node) is read whole, checked against its piece's checksum, and written to a
         node holding no other copy of that piece, so the copies stay on distinct nodes."""
         pieces: list = []
-        copies: list = []  # (node, extent id, length) allocated for the new copies
-        try:
-            for length, crc, piece_copies in obj.pieces or ():
-                kept = []
-                for copy in piece_copies:
-                    if all(n != node for n, _, _ in copy):
-                        kept.append(copy)
-                        continue
-                    data = bytearray()
-                    for src, ext_id, ext_len in copy:
-                        data += await self._read_extent(job, src, ext_id, ext_len)
-                    verify_checksum(data, crc, f"a copy of {name!r} on {node}")
-                    others = {n for c in piece_copies if c is not copy for n, _, _ in c}
-                    got = await self._alloc_elsewhere(job, len(data), chooser, node, copies,
-                                                      avoid=others)
-                    offset = 0
-                    for dst, new_id, piece in got:
-                        await self._write_extent(job, dst, new_id,
-                                                 memoryview(data)[offset:offset + piece])
-                        offset += piece
-                    kept.append(list(got))
-                pieces.append((length, crc, kept))
-        except BaseException:
-            if copies:
-                self._free_extents(copies)
-            raise
-        if not self._still_movable(job, name, obj):
-            self._free_extents(copies)
-            return 0
+        for length, crc, piece_copies in obj.pieces or ():
+            kept = []
+            for copy in piece_copies:
+                if all(n != node for n, _, _ in copy):
+                    kept.append(copy)
+                    continue
+                data = bytearray()
+                for src, ext_id, ext_len in copy:
+                    data += await self._read_extent(job, src, ext_id, ext_len)
+                verify_checksum(data, crc, f"a copy of {name!r} on {node}")
+                others = {n for c in piece_copies if c is not copy for n, _, _ in c}
+                got = await self._alloc_elsewhere(job, len(data), chooser, node, copies,
+                                                  avoid=others)
+                offset = 0
+                for dst, new_id, piece in got:
+                    await self._write_extent(job, dst, new_id,
+                                             memoryview(data)[offset:offset + piece])
+                    offset += piece
+                kept.append(list(got))
+            pieces.append((length, crc, kept))
         extents = [(n, e, length, None) for _, _, kept in pieces for copy in kept
                    for n, e, length in copy]
-        job.objects[name] = StoredObject(obj.size, obj.persist, extents=extents, pieces=pieces,
-                                         created=obj.created)
-        return self._retire_moved(obj, node)
+        return StoredObject(obj.size, obj.persist, extents=extents, pieces=pieces,
+                            created=obj.created)
 
     async def _read_extent(self, job: JobNamespace, node: str, ext_id: int,
                            length: int) -> bytearray:
