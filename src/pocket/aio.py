@@ -62,7 +62,7 @@ class AsyncJob:
         self.replicas: int = reply.get("replicas", 1)
         #: Which copies replicated gets read (alternating; unreachable servers last).
         self._copy_reads = CopyReadState()
-        #: Sent with GET in replicated jobs: this client reads ``pieces``.
+        #: Sent with PUT_BEGIN and GET in replicated jobs (see pocket.client.Job).
         self._copies = {"copies": True} if self.replicas > 1 else {}
         self._conns = conns
         self._owns = owns
@@ -112,10 +112,8 @@ class AsyncJob:
         if size <= self.inline_max:
             await self._md(Op.PUT_INLINE, {"name": name, "persist": bool(persist)}, view)
             return
-        fields = {"name": name, "size": size, "persist": bool(persist)}
-        if self.replicas > 1:
-            fields["copies"] = True  # this client writes every copy
-        h = (await self._md(Op.PUT_BEGIN, fields)).header
+        h = (await self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist),
+                                           **self._copies})).header
         put_id = h["put"]
         commit: dict = {"put": put_id}
         try:

@@ -136,6 +136,9 @@ class Job:
         self.replicas: int = reply.get("replicas", 1)
         #: Which copies replicated gets read (alternating; unreachable servers last).
         self._copy_reads = CopyReadState()
+        #: Sent with PUT_BEGIN and GET in replicated jobs: this client writes every copy and
+        #: reads ``pieces`` (the metadata server refuses clients that do not say so).
+        self._copies = {"copies": True} if self.replicas > 1 else {}
         self._pool = pool
         self._owns_pool = owns_pool
         self._auth = {"job": self.id, "tok": self.token}
@@ -306,10 +309,8 @@ class Job:
         if size <= self.inline_max:
             self._md(Op.PUT_INLINE, {"name": name, "persist": bool(persist)}, view)
             return
-        fields = {"name": name, "size": size, "persist": bool(persist)}
-        if self.replicas > 1:
-            fields["copies"] = True  # this client writes every copy
-        h = self._md(Op.PUT_BEGIN, fields).header
+        h = self._md(Op.PUT_BEGIN, {"name": name, "size": size, "persist": bool(persist),
+                                    **self._copies}).header
         put_id = h["put"]
         commit: dict = {"put": put_id}
         try:
@@ -325,9 +326,7 @@ class Job:
         self._md(Op.PUT_COMMIT, commit)
 
     def _locate(self, name: str, delete_after_read: bool, limit: Optional[int] = None) -> Frame:
-        fields = {"name": name, "dar": bool(delete_after_read)}
-        if self.replicas > 1:
-            fields["copies"] = True  # this client reads replicated objects
+        fields = {"name": name, "dar": bool(delete_after_read), **self._copies}
         if limit is not None:
             fields["max"] = limit  # refused (and nothing deleted) if the object is larger
         return self._md(Op.GET, fields)
