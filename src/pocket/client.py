@@ -83,14 +83,15 @@ def write_plan(h: dict, view: memoryview) -> tuple[list, Optional[list[int]]]:
     """From a PUT_BEGIN reply: every extent to write, ``(address, extent id, offset, length,
     capability, _)`` (for a replicated object, every copy of every piece), and the checksums
     PUT_COMMIT carries (one per extent, or per piece when replicated; None if not asked)."""
+    summed = bool(h.get("sum"))  # checksumming costs a pass over the bytes: only if asked
     if "pieces" in h:  # replicated: every copy of every piece
         pieces = piece_plan(h["pieces"], view.nbytes, with_checksums=False)
         plan = [e for piece in pieces for copy in piece.copies for e in copy]
-        crcs = [checksum(view[p.offset:p.offset + p.length]) for p in pieces]
+        crcs = [checksum(view[p.offset:p.offset + p.length]) for p in pieces] if summed else None
     else:
         plan = extent_plan(h["ext"])
-        crcs = piece_checksums(view, plan)
-    return plan, crcs if h.get("sum") else None
+        crcs = piece_checksums(view, plan) if summed else None
+    return plan, crcs
 
 
 def verify_pieces(dest: memoryview, plan: list) -> None:
